@@ -1,0 +1,5 @@
+# Makefile - developer entry points for pykvm.
+
+.PHONY: guests
+guests:
+	$(MAKE) -C guests

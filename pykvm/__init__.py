@@ -1,0 +1,1 @@
+"""pykvm: a thin hypervisor driver in Python over /dev/kvm."""

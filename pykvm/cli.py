@@ -1,0 +1,174 @@
+"""The ``pykvm`` command line: ``pykvm run`` (and the commands later issues add)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from . import exits
+from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
+from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
+from .machine import GuestError, Machine, Outcome, describe_exit
+from .x86 import layout
+from .x86.modes import Mode
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
+
+RUN_EXAMPLES = """\
+examples:
+  pykvm run                                   run the built-in hello guest (long mode)
+  pykvm run guests/build/hello_real.bin --mode real
+  pykvm run kernel.bin --mode protected --mem 16M --timeout 5
+  pykvm run guest.bin --mode long --load 0x200000 --entry 0x200010 --trace-exits
+  pykvm run guest.bin --json | jq .status
+"""
+
+_SIZE = re.compile(r"^(0x[0-9a-f]+|\d+)\s*([kmg]i?b?)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512KiB', '0x400000' -> bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4M, 64MiB, 1G, 0x400000)")
+    return int(m.group(1), 0) * _UNITS[(m.group(2) or "")[:1].lower()]
+
+
+def parse_addr(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r} (examples: 0x1000, 1048576)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an address cannot be negative: {text}")
+    return value
+
+
+def parse_timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the timeout must be positive, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pykvm", description="A thin hypervisor driver over /dev/kvm.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    run = sub.add_parser(
+        "run",
+        help="run a flat guest image",
+        description="Run a flat guest image under /dev/kvm; the guest console goes to stdout.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("image", nargs="?", help=f"a flat binary (default: the built-in {DEFAULT_GUEST} guest)")
+    run.add_argument("--mode", choices=[m.value for m in Mode], default=None,
+                     help="CPU mode the guest starts in (default: long; real for an image ending in _real.bin)")
+    run.add_argument("--la57", action="store_true", help="5-level paging in long mode (where the host has LA57)")
+    run.add_argument("--mem", type=parse_size, default=layout.DEFAULT_MEM_SIZE, metavar="SIZE",
+                     help="guest RAM at GPA 0 (default: 4M)")
+    run.add_argument("--load", type=parse_addr, metavar="ADDR",
+                     help="GPA to load the image at (default: 0x1000 in real mode, 0x100000 otherwise)")
+    run.add_argument("--entry", type=parse_addr, metavar="ADDR", help="entry point (default: the load address)")
+    run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop a guest that runs longer")
+    run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr")
+    run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"pykvm: error: {message}", file=sys.stderr)
+
+
+def _run_document(args, image: str, mode: Mode, outcome: Outcome | None, machine: Machine | None,
+                  error: GuestError | None) -> dict:
+    doc: dict = {"image": image, "mode": mode.value, "mem": args.mem}
+    if machine is not None:
+        doc["console"] = machine.console_output.decode("utf-8", "replace")
+        doc["exits"] = machine.exit_count
+        doc["syncs"] = machine.syncs
+    if outcome is not None:
+        doc["result"] = "fail" if outcome.failure else "done"
+        doc["status"] = outcome.status
+        doc["seconds"] = outcome.seconds
+        if outcome.failure:
+            f = outcome.failure
+            doc["failure"] = {"line": f.line, "value": f.value, "message": f.message}
+    if error is not None:
+        doc["result"] = "error"
+        doc["status"] = EXIT_FAILURE
+        doc["error"] = {"kind": type(error).__name__, "message": str(error),
+                        "exit": describe_exit(error.exit) if error.exit is not None else None,
+                        "state": error.state.to_json() if error.state else None}
+    return doc
+
+
+def _trace(exit: exits.Exit, counter=[0]) -> None:  # noqa: B006 - a per-process exit counter
+    counter[0] += 1
+    print(f"exit {counter[0]}: {describe_exit(exit)}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    if args.image is None:
+        path = str(guest_image(DEFAULT_GUEST))
+        mode = Mode(args.mode or Mode.LONG)
+    else:
+        path = args.image
+        mode = Mode(args.mode or (Mode.REAL if path.endswith("_real.bin") else Mode.LONG))
+    load = mode.default_load if args.load is None else args.load
+    if load >= args.mem:
+        raise ImageError(f"load address {load:#x} is outside guest memory (0-{args.mem:#x})")
+    image = read_image(path, args.mem - load)
+    entry = load if args.entry is None else args.entry
+    outcome = error = None
+    console = None if args.json else sys.stdout.buffer
+    with Machine(args.mem, console=console, trace=_trace if args.trace_exits else None) as machine:
+        machine.load(image, load)
+        machine.setup(mode, entry, la57=args.la57)
+        try:
+            outcome = machine.run(timeout=args.timeout)
+        except GuestError as e:
+            error = e
+        if args.json:
+            print(json.dumps(_run_document(args, path, mode, outcome, machine, error), indent=2))
+        elif error is not None:
+            _error(error.report())
+        elif outcome.failure is not None:
+            _error(str(outcome.failure))
+    if error is not None:
+        return EXIT_FAILURE
+    return outcome.status if 0 <= outcome.status <= 255 else EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KvmUnavailableError as e:
+        _error(e.strerror)
+        return EXIT_UNAVAILABLE
+    except KvmUnsupportedError as e:
+        _error(str(e))
+        return EXIT_UNAVAILABLE
+    except ValueError as e:  # a bad image or argument (ImageError is one), refused before any guest ran
+        _error(str(e))
+        return EXIT_USAGE
+    except KvmError as e:
+        _error(str(e))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Device models on the machine's port and MMIO bus."""

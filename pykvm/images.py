@@ -1,0 +1,84 @@
+"""Guest images: reading a flat image file with clear errors, and building pykvm's own guests.
+
+pykvm's guests are sources (``guests/``, installed as the package ``pykvm.guests``) built by their
+Makefile with the system toolchain: into ``guests/build/`` in a source checkout (``make guests``),
+or into a per-user cache when the package directory is not writable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_GUEST = "hello_long"
+BUILD_TOOLS = ("make", "gcc", "ld", "objcopy")
+
+
+class ImageError(ValueError):
+    """A guest image that cannot be used; the message names the file and what is wrong."""
+
+
+def read_image(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a flat image, at most ``limit`` long; raises ImageError with a one-line reason."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ImageError(f"{p}: is a directory, not a guest image")
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ImageError(f"{p}: no such guest image") from None
+    except PermissionError:
+        raise ImageError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{p}: cannot read: {e.strerror}") from None
+    if not data:
+        raise ImageError(f"{p}: the image is empty")
+    if len(data) > limit:
+        size = p.stat().st_size
+        raise ImageError(f"{p}: the image ({size} bytes) is larger than the {limit} bytes of guest memory it must fit in")
+    if data[:4] == b"\x7fELF":
+        raise ImageError(f"{p}: is an ELF file; pykvm run takes a flat binary (objcopy -O binary {p.name} out.bin)")
+    return data
+
+
+def guests_dir() -> Path:
+    """Where pykvm's guest sources and their Makefile are."""
+    return Path(str(resources.files("pykvm.guests")))
+
+
+def _build_dir(source: Path) -> Path:
+    build = source / "build"
+    if os.access(source, os.W_OK):
+        return build
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pykvm" / "guests"
+    return cache
+
+
+def guest_image(name: str = DEFAULT_GUEST) -> Path:
+    """Path of pykvm's built guest ``name`` (``guests/NAME.S``), building it first if needed."""
+    source = guests_dir()
+    if not (source / f"{name}.S").is_file():
+        known = sorted(p.stem for p in source.glob("*.S"))
+        raise ImageError(f"no built-in guest {name!r} (known: {', '.join(known)})")
+    build = _build_dir(source)
+    target = build / f"{name}.bin"
+    missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
+    if missing:
+        if target.is_file():
+            return target
+        raise ImageError(
+            f"building guest {name} needs {', '.join(missing)}: install make, gcc and binutils "
+            "(apt-get install build-essential), or run `make guests` where they are"
+        )
+    build.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["make", "-s", "-C", str(source), f"BUILD={build}", str(target)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise ImageError(f"building guest {name} failed: {detail[-1] if detail else 'make failed'}")
+    return target
