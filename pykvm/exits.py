@@ -4,7 +4,8 @@
 are the CamelCase of the ``KVM_EXIT_*`` name (``KVM_EXIT_IO`` splits by direction into
 :class:`IoOut` / :class:`IoIn`, ``KVM_EXIT_MMIO`` into :class:`MmioWrite` / :class:`MmioRead`).
 Data an exit hands out as a ``memoryview`` (``IoIn.data``, ``MmioRead.data``) points into the
-``kvm_run`` page: write the reply there before the next ``run()``; it is invalid after it.
+``kvm_run`` page: write the reply there before the next ``run()``; it is invalid after it. Data the
+guest wrote (``IoOut.data``, ``MmioWrite.data``) is copied out as ``bytes`` (at most a page).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class IoOut:
     port: int
     size: int
     count: int
-    data: memoryview = field(repr=False, compare=False)
+    data: bytes = field(repr=False)
 
     @property
     def value(self) -> int:
@@ -279,10 +280,10 @@ _INTR = Intr()
 def _io(run, page: memoryview):
     io = run.io
     start = io.data_offset
-    view = page[start : start + io.size * io.count]
+    end = start + io.size * io.count
     if io.direction == EXIT_IO_OUT:
-        return IoOut(io.port, io.size, io.count, view)
-    return IoIn(io.port, io.size, io.count, view)
+        return IoOut(io.port, io.size, io.count, page[start:end].tobytes())
+    return IoIn(io.port, io.size, io.count, page[start:end])
 
 
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8  # mmio.data follows the 8-byte phys_addr

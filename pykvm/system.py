@@ -94,7 +94,8 @@ def cpuid_list(obj: FdObject, name: str) -> list[CpuidEntry]:
 class Kvm(FdObject):
     """The KVM subsystem: ``/dev/kvm``. Creates VMs and answers what the host supports."""
 
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str | None = None):
+        path = KVM_PATH if path is None else path
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

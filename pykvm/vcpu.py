@@ -241,5 +241,8 @@ class Vcpu(FdObject):
         if run_map is not None and not run_map.closed:
             ffi.release(self.kvm_run)
             self._page.release()
-            run_map.close()
+            try:
+                run_map.close()
+            except BufferError:
+                pass  # an exit's data view is still held: the page is unmapped when it goes
         super().close()

@@ -29,7 +29,7 @@
 #define PYKVM_GDT               0x10000
 #define PYKVM_IDT               0x11000
 #define PYKVM_TSS               0x12000
-#define PYKVM_EXCEPTION_STUBS   0x13000
+#define PYKVM_EXCEPTION_STUBS   0x15000
 #define PYKVM_PAGE_TABLES       0x20000
 #define PYKVM_PML5              0x20000
 #define PYKVM_PML4              0x21000
@@ -48,6 +48,9 @@
 #define PYKVM_CALL_PORT         0xEA        /* 32-bit out of a call number */
 #define PYKVM_EXCEPTION_PORT    0xEB        /* written by the host's exception stubs */
 #define PYKVM_TEST_PORT         0x600       /* io.S: port I/O tests (TEST_PORT and TEST_PORT + 1) */
+#define PYKVM_TEST_ROM          0x400000    /* memory.S: a read-only slot the host maps (one page) */
+#define PYKVM_TEST_RAM2         0x800000    /* memory.S: a second RAM slot the host maps (one page) */
+#define PYKVM_BENCH_PORT        0x700       /* bench_io.S: inl of the count, then one outb per iteration */
 
 #define PYKVM_CALL_DONE         1
 #define PYKVM_CALL_FAIL         2

@@ -17,8 +17,9 @@ REAL_IVT = 0x0000  # real-mode interrupt vector table (256 x seg:off), filled wi
 REAL_LOAD = 0x1000  # where a real-mode flat image is loaded and entered (CS:IP = 0000:1000)
 GDT = 0x10000  # global descriptor table (one page)
 IDT = 0x11000  # interrupt descriptor table (one page: 256 long-mode gates)
-TSS = 0x12000  # the task-state segment TR points at (RSP0/ESP0 = STACK_TOP)
-EXCEPTION_STUBS = 0x13000  # 256 x 16-byte stubs that report an unhandled vector on EXCEPTION_PORT
+TSS = 0x12000  # the task-state segment TR points at (RSP0/ESP0 = STACK_TOP), with an I/O bitmap
+#                that lets CPL3 use every port (to 0x14068)
+EXCEPTION_STUBS = 0x15000  # 256 x 16-byte stubs that report an unhandled vector on EXCEPTION_PORT
 PAGE_TABLES = 0x20000  # 0x20000-0x2ffff: identity page tables built by the set-up
 PML5 = PAGE_TABLES + 0x0000  # 5-level root (LA57)
 PML4 = PAGE_TABLES + 0x1000  # 4-level root
@@ -29,6 +30,8 @@ STACK_TOP = 0x9F000  # initial stack pointer in every mode (real mode: SS=0x9000
 PROTECTED_LOAD = 0x100000  # where a protected/paged/PAE/long-mode flat image is loaded and entered
 
 IDENTITY_MAP_SIZE = 4 * GiB  # paged modes identity-map the first 4 GiB (RAM and the MMIO window)
+TEST_ROM = 0x400000  # guests/memory.S reads a read-only slot the host maps here (one page)
+TEST_RAM2 = 0x800000  # guests/memory.S writes a second RAM slot the host maps here (one page)
 MMIO_WINDOW = 0xD0000000  # a window no memory slot covers: guest accesses there exit as MMIO
 DEFAULT_MEM_SIZE = 4 * MiB
 MIN_MEM_SIZE = 1 * MiB  # the system area and STACK_TOP live in the first MiB
@@ -38,6 +41,7 @@ CONSOLE_PORT = 0xE9  # byte out: guest console (QEMU's debugcon port)
 CALL_PORT = 0xEA  # 32-bit out of a call number (CALL_*); arguments in registers
 EXCEPTION_PORT = 0xEB  # written by the exception stubs; the vector is on the guest's stack
 TEST_PORT = 0x600  # guests/io.S exercises port I/O on TEST_PORT and TEST_PORT + 1 (free of PC devices)
+BENCH_PORT = 0x700  # guests/bench_io.S (scripts/bench_exits.py): inl of the count N, then N outb (free of PC devices)
 
 CALL_DONE = 1  # EBX = exit status (0: success)
 CALL_FAIL = 2  # EBX = line, RCX = value, RSI = linear address of a NUL-terminated message (or 0)

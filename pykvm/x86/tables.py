@@ -83,8 +83,10 @@ CODE16 = Segment(layout.SEL_CODE16, limit=0xFFFF, type=TYPE_CODE, db=0, g=0)
 USER_CODE32 = Segment(layout.SEL_USER_CODE32, type=TYPE_CODE, dpl=3)
 USER_DATA = Segment(layout.SEL_USER_DATA, dpl=3)
 USER_CODE64 = Segment(layout.SEL_USER_CODE64, type=TYPE_CODE, dpl=3, db=0, l=1)
-TSS_SIZE = 0x68
-TSS = Segment(layout.SEL_TSS, base=layout.TSS, limit=TSS_SIZE - 1, type=TYPE_TSS_BUSY, s=0, db=0, g=0)
+TSS_SIZE = 0x68  # the 32- and 64-bit TSS proper; the I/O permission bitmap follows it
+IO_BITMAP_SIZE = 0x10000 // 8 + 1  # one bit a port (0: allowed), then the 0xFF byte that ends it
+TSS = Segment(layout.SEL_TSS, base=layout.TSS, limit=TSS_SIZE + IO_BITMAP_SIZE - 1, type=TYPE_TSS_BUSY, s=0,
+              db=0, g=0)
 GDT_SEGMENTS = (CODE64, DATA, CODE32, CODE16, USER_CODE32, USER_DATA, USER_CODE64)
 
 
@@ -99,13 +101,17 @@ def gdt_bytes() -> bytes:
 
 
 def tss_bytes(long_mode: bool) -> bytes:
-    """A TSS whose ring-0 stack is STACK_TOP, with no I/O permission bitmap."""
-    tss = bytearray(TSS_SIZE)
+    """A TSS whose ring-0 stack is STACK_TOP and whose I/O bitmap allows every port at CPL3.
+
+    The bitmap, not IOPL, is what lets ring-3 guest code reach the console and call ports: some
+    backends (kvm_pvm) keep RFLAGS.IOPL at 0 while the guest runs at CPL3."""
+    tss = bytearray(TSS_SIZE + IO_BITMAP_SIZE)
     if long_mode:
         struct.pack_into("<Q", tss, 4, layout.STACK_TOP)  # RSP0
     else:
         struct.pack_into("<IH", tss, 4, layout.STACK_TOP, layout.SEL_DATA)  # ESP0, SS0
-    struct.pack_into("<H", tss, 0x66, TSS_SIZE)  # I/O map base beyond the limit: no bitmap
+    struct.pack_into("<H", tss, 0x66, TSS_SIZE)  # I/O map base: the bitmap right after the TSS
+    tss[-1] = 0xFF
     return bytes(tss)
 
 
