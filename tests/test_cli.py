@@ -1,0 +1,166 @@
+"""`pykvm run`: exit codes, console streaming, JSON, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from pykvm import system
+from pykvm.cli import main, parse_size
+from pykvm.images import guest_image
+
+GUEST_NAMES = ("hello_long", "hello_real", "fail", "triple_fault", "spin", "wild_write")
+
+
+@pytest.fixture(scope="module")
+def built(guest):
+    """Paths of built guests (the `guest` fixture builds them)."""
+    for name in GUEST_NAMES:
+        guest(name)
+    return {name: str(guest_image(name)) for name in GUEST_NAMES}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pykvm", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_parse_size():
+    assert parse_size("4M") == parse_size("4MiB") == 4 << 20
+    assert parse_size("0x400000") == 4 << 20
+    assert parse_size("1G") == 1 << 30
+
+
+@pytest.mark.kvm
+def test_default_guest_runs_and_exits_zero():
+    result = run_cli("run")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "Hello from long mode\n", "")
+
+
+@pytest.mark.kvm
+def test_real_mode_image_and_trace_exits(built):
+    result = run_cli("run", built["hello_real"], "--mode", "real", "--trace-exits")
+    assert result.returncode == 0
+    assert result.stdout == "Hello from real mode\n"
+    lines = result.stderr.splitlines()
+    assert lines[0] == "exit 1: IoOut(port=0xe9, size=1, count=1 data=48)"  # 'H'
+    assert lines[-1] == "exit 22: IoOut(port=0xea, size=4, count=1 data=01000000)"  # DONE
+
+
+@pytest.mark.kvm
+def test_json_is_one_document(built):
+    result = run_cli("run", built["hello_long"], "--json")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 0
+    assert doc["result"] == "done" and doc["status"] == 0
+    assert doc["console"] == "Hello from long mode\n" and doc["exits"] == 22
+
+
+@pytest.mark.kvm
+def test_guest_fail_exits_one(built):
+    result = run_cli("run", built["fail"])
+    assert result.returncode == 1
+    assert result.stderr == "pykvm: error: guest FAIL at line 12: fail.S: expected failure (value 0x2a)\n"
+
+
+@pytest.mark.kvm
+def test_triple_fault_reports_registers(built):
+    result = run_cli("run", built["triple_fault"])
+    assert result.returncode == 1
+    assert result.stderr.startswith("pykvm: error: the guest triple-faulted (KVM_EXIT_SHUTDOWN)\nmode: long")
+    assert "rip=0000000000100007" in result.stderr and "[ud2]" in result.stderr
+
+
+@pytest.mark.kvm
+def test_runaway_guest_is_stopped_by_timeout(built):
+    result = run_cli("run", built["spin"], "--mode", "real", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stdout == "spinning\n"
+    assert "the guest ran past the 0.5 s timeout" in result.stderr and "[jmp 0x1010]" in result.stderr
+
+
+@pytest.mark.kvm
+def test_unmapped_write_is_reported(built):
+    result = run_cli("run", built["wild_write"], "--json")
+    doc = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert doc["error"]["kind"] == "UnexpectedExit"
+    assert doc["error"]["exit"] == "MmioWrite(gpa=0xe0000000, data=55)"
+    assert doc["error"]["state"]["regs"]["rax"] == 0xE0000000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nonexistent.bin"], "nonexistent.bin: no such guest image"),
+        (["/dev/null"], "/dev/null: the image is empty"),
+        (["."], ".: is a directory, not a guest image"),
+    ],
+)
+def test_bad_images_give_one_line_and_exit_two(args, message, capsys):
+    assert main(["run", *args]) == 2
+    assert capsys.readouterr().err == f"pykvm: error: {message}\n"
+
+
+def test_oversized_image(tmp_path, capsys):
+    image = tmp_path / "big.bin"
+    image.write_bytes(b"\x90" * (2 << 20))
+    assert main(["run", str(image), "--mem", "2M"]) == 2
+    assert capsys.readouterr().err == (
+        f"pykvm: error: {image}: the image ({2 << 20} bytes) is larger than the {1 << 20} bytes "
+        "of guest memory it must fit in\n"
+    )
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--entry", "0x900000"], "entry point 0x900000 is outside guest memory (0x0-0x400000)"),
+        (["--load", "0x500000"], "load address 0x500000 is outside guest memory (0-0x400000)"),
+    ],
+)
+def test_addresses_outside_guest_memory(built, args, message, capsys):
+    assert main(["run", built["hello_long"], *args]) == 2
+    assert capsys.readouterr().err == f"pykvm: error: {message}\n"
+
+
+def test_usage_errors_exit_two(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--mem", "lots"])
+    assert info.value.code == 2
+    assert "not a size: 'lots'" in capsys.readouterr().err
+
+
+def test_missing_kvm_device_says_how_to_fix(monkeypatch, capsys):
+    monkeypatch.setattr(system, "KVM_PATH", "/nonexistent/kvm")
+    assert main(["run"]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("pykvm: error: /nonexistent/kvm does not exist: this host has no KVM.")
+    assert "modprobe kvm_intel" in err
+
+
+@pytest.mark.kvm
+def test_no_permission_on_kvm_device_says_how_to_fix(tmp_path):
+    """In a private mount namespace, a mode-000 node replaces /dev/kvm and the CLI runs without
+    capabilities, so opening it fails with EACCES as it would for a user outside the kvm group."""
+    tools = [t for t in ("unshare", "setpriv", "mount") if shutil.which(t) is None]
+    if os.geteuid() != 0 or tools:
+        pytest.skip(f"needs root and util-linux ({', '.join(tools) or 'not root'})")
+    node = tmp_path / "kvm"
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.stat("/dev/kvm").st_rdev)
+    node.chmod(0)
+    script = f"mount --bind {node} /dev/kvm && exec setpriv --bounding-set=-all --inh-caps=-all " \
+             f"{sys.executable} -m pykvm run"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr == (
+        "pykvm: error: permission denied opening /dev/kvm: add your user to the 'kvm' group "
+        "(sudo usermod -aG kvm $USER, then log in again) or run as root\n"
+    )
