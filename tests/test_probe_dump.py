@@ -1,0 +1,319 @@
+"""The AIDA64/InstLatx64 dump parser, on the real dumps of ../shared/fixtures/cpuid/."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pykvm.probe.dump import (
+    Dump,
+    DumpFormatError,
+    NotADumpError,
+    looks_like_dump,
+    parse_dump,
+    read_dump,
+)
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cpuid"
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(),
+    reason=f"CPUID/MSR dump fixtures not found at {FIXTURES} (shared/ beside the repository)",
+)
+
+CONROE = "GenuineIntel00006F6_Conroe_CPUID.txt"
+HASWELL_EP = "GenuineIntel00306F2_HaswellEP_00_CPUID.txt"
+ALDER_LAKE_N = "GenuineIntel00B06E0_AlderLakeN_02_CPUID.txt"
+SAPPHIRE_RAPIDS = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
+WINDSOR = "AuthenticAMD0040F33_K8_Windsor_CPUID.txt"
+BARCELONA = "AuthenticAMD0100F21_K10_Barcelona_CPUID.txt"
+SUMMIT_RIDGE = "AuthenticAMD0800F11_K17_Zen3_CPUID.txt"  # a Ryzen 5 1500X: Zen 1, family 17h
+GRANITE_RIDGE = "AuthenticAMD0B40F40_K20_GraniteRidge_02_CPUID.txt"
+ZHAOXIN = "CentaurHauls00307B1_ZXE_CPUID.txt"
+ALL = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, WINDSOR, BARCELONA, SUMMIT_RIDGE,
+       GRANITE_RIDGE, ZHAOXIN]  # fmt: skip
+
+# Logical CPUs in each dump (its "Logical CPU #N" sections).
+CPU_COUNTS = {CONROE: 2, HASWELL_EP: 16, ALDER_LAKE_N: 4, SAPPHIRE_RAPIDS: 40, WINDSOR: 2,
+              BARCELONA: 8, SUMMIT_RIDGE: 8, GRANITE_RIDGE: 32, ZHAOXIN: 8}  # fmt: skip
+# Older dumps have one "MSR Registers" section that names no CPU.
+SINGLE_MSR_SECTION = {CONROE, WINDSOR, BARCELONA, SUMMIT_RIDGE}
+
+
+@functools.cache
+def load(name: str) -> Dump:
+    return read_dump(FIXTURES / name)
+
+
+def text_of(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# --- every fixture --------------------------------------------------------------------------------
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ALL)
+def test_file_name_vendor_and_signature_match_leaves_0_and_1(name: str) -> None:
+    # InstLatx64 names files <vendor string><leaf 1 EAX, 7 hex digits>_...; check every CPU.
+    m = re.match(r"^(GenuineIntel|AuthenticAMD|CentaurHauls)([0-9A-F]{7})_", name)
+    assert m is not None
+    dump = load(name)
+    assert len(dump.cpus) == CPU_COUNTS[name]
+    for cpu in dump.cpus:
+        leaf0 = cpu.cpuid[(0, 0)]
+        vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+        assert vendor.decode() == m.group(1)
+        assert cpu.cpuid[(1, 0)].eax == int(m.group(2), 16)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", ALL)
+def test_msr_sections(name: str) -> None:
+    dump = load(name)
+    if name in SINGLE_MSR_SECTION:
+        assert all(not cpu.msrs for cpu in dump.cpus)
+        assert dump.unassigned_msrs and dump.msrs is dump.unassigned_msrs
+        assert 0x1B in dump.msrs or name == BARCELONA  # IA32_APIC_BASE
+    else:
+        assert not dump.unassigned_msrs
+        assert all(cpu.msrs for cpu in dump.cpus)  # one MSR section per logical CPU
+        assert dump.msrs == dump.cpu(0).msrs
+        # IA32_APIC_BASE: base 0xFEE00000, APIC enabled (bit 11), BSP flag (bit 8) on CPU #0 ...
+        assert all(cpu.msrs[0x1B] & 0xFFFF_F800 == 0xFEE0_0800 for cpu in dump.cpus)
+        assert dump.cpu(0).msrs[0x1B] & 0x100
+        # ... and on no other CPU, except in the Granite Ridge dump, whose 32 "per-CPU" MSR
+        # sections all show the BSP flag: there they were evidently all read on the BSP.
+        others_bsp = {bool(cpu.msrs[0x1B] & 0x100) for cpu in dump.cpus[1:]}
+        assert others_bsp == {name == GRANITE_RIDGE}
+
+
+@needs_fixtures
+def test_counts_every_record_line() -> None:
+    for name in ALL:
+        text = text_of(name)
+        n_records = len(re.findall(r"^CPUID [0-9A-F]{8}: ", text, re.M))
+        dump = load(name)
+        assert sum(len(cpu.cpuid) for cpu in dump.cpus) == n_records  # no duplicates, none lost
+
+
+# --- variants of the format seen in the fixtures --------------------------------------------------
+
+
+@needs_fixtures
+def test_subleaf_markers_are_hex() -> None:
+    spr = load(SAPPHIRE_RAPIDS).cpuid
+    assert spr.subleaves(7) == (0, 1, 2)
+    assert spr.get_regs(7, 1) == (0x0000_1C30, 0, 0, 0)  # "CPUID 00000007: 00001C30-... [SL 01]"
+    adl = load(ALDER_LAKE_N).cpuid
+    assert adl.get_regs(0xD, 0x0B) == (0x10, 0, 1, 0)  # "[SL 0B]"
+    # A leaf without [SL nn] is sub-leaf 0: Conroe's leaf 7 line has no marker.
+    assert load(CONROE).cpuid.get_regs(7) == (0, 0, 0, 0)
+
+
+@needs_fixtures
+def test_comments_with_unbalanced_brackets_are_ignored() -> None:
+    # "CPUID 80000006: 00000000-00000000-10008140-00000000 [L2: 4096 KB] / L3: 0 KB]"
+    assert load(ZHAOXIN).cpuid.get_regs(0x8000_0006) == (0, 0, 0x1000_8140, 0)
+
+
+@needs_fixtures
+def test_info_lines_starting_with_cpuid_are_not_records() -> None:
+    # "CPUID Manufacturer: GenuineIntel", "CPUID CPU Name    : ...", "CPUID Revision    : 000306F2h"
+    dump = load(HASWELL_EP)
+    assert dump.info["CPUID Manufacturer"] == "GenuineIntel"
+    assert dump.info["CPUID Revision"] == "000306F2h"
+    assert dump.info["CPU Alias"] == "Haswell-EP"
+    assert load(WINDSOR).info["CPUID Manufacturer"] == "AuthenticAMD"  # "Key : value" spacing
+
+
+@needs_fixtures
+def test_sampled_msrs_keep_the_last_read() -> None:
+    # MSR 000000E7 is listed three times, the first two marked [S200]; the last one counts.
+    assert load(CONROE).msrs[0xE7] == 0x0000_0193_6E83_2D16
+    # MSR C0010293 (P-state status) sampled five times with comments, then read once more.
+    assert load(SUMMIT_RIDGE).msrs[0xC001_0293] == 0x0000_0000_0011_C89C
+
+
+@needs_fixtures
+def test_failed_msr_reads() -> None:
+    dump = load(HASWELL_EP)
+    assert 0x49 in dump.failed_msrs and 0x49 not in dump.msrs  # "MSR 00000049: < FAILED >"
+    assert load(SUMMIT_RIDGE).failed_msrs == {0xC001_0070}
+
+
+@needs_fixtures
+def test_last_cpu_of_a_per_cpu_dump_has_its_own_msrs() -> None:
+    spr = load(SAPPHIRE_RAPIDS)
+    assert spr.cpu(39).msrs[0x480] == 0x03DA_0500_0000_0013
+    with pytest.raises(KeyError, match="no logical CPU #40"):
+        spr.cpu(40)
+
+
+@needs_fixtures
+def test_crlf_and_utf16_files_parse_the_same(tmp_path: Path) -> None:
+    original = load(CONROE)
+    path = tmp_path / "conroe-utf16.txt"
+    path.write_bytes(text_of(CONROE).replace("\n", "\r\n").encode("utf-16"))
+    again = read_dump(path)
+    assert [c.cpuid for c in again.cpus] == [c.cpuid for c in original.cpus]
+    assert again.msrs == original.msrs
+
+
+@needs_fixtures
+def test_to_json_is_plain_data() -> None:
+    import json
+
+    data = json.loads(json.dumps(load(WINDSOR).to_json()))
+    assert data["cpus"][0]["cpuid"][0] == {
+        "leaf": 0, "subleaf": 0, "eax": 1, "ebx": 0x68747541, "ecx": 0x444D4163, "edx": 0x69746E65,
+    }  # fmt: skip
+    assert {"index": 0x1B, "value": 0xFEE0_0900} in data["unassigned_msrs"]
+
+
+# --- malformed input ------------------------------------------------------------------------------
+
+
+def _corrupt(text: str, lineno: int, new_line: str) -> str:
+    lines = text.splitlines()
+    lines[lineno - 1] = new_line
+    return "\n".join(lines) + "\n"
+
+
+def _first_line_number(text: str, prefix: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith(prefix))
+
+
+@needs_fixtures
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "CPUID 00000001: 000006F6-00020800-0000E3BD",  # a register missing
+        "CPUID 00000001: 000006F6-00020800-0000E3BD-BFEBFBFG",  # not hex
+        "CPUID 0000001: 000006F6-00020800-0000E3BD-BFEBFBFF",  # 7-digit leaf
+        "CPUID 00000001 000006F6-00020800-0000E3BD-BFEBFBFF",  # no colon
+        "CPUID 00000001: 000006F6-00020800-0000E3BD-BFEBFBFF junk",  # trailing text, no bracket
+        "CPUID 00000004: 04000121-01C0003F-0000003F-00000001 [SL XY]",  # bad sub-leaf
+    ],
+)
+def test_malformed_cpuid_line_names_line_number_and_line(bad: str) -> None:
+    text = text_of(CONROE)
+    lineno = _first_line_number(text, "CPUID 00000001:")
+    with pytest.raises(DumpFormatError) as info:
+        parse_dump(_corrupt(text, lineno, bad), source="conroe")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.lineno == lineno and err.line == bad
+    assert f"line {lineno}" in str(err) and repr(bad) in str(err) and "conroe" in str(err)
+
+
+@needs_fixtures
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "MSR 00000480: 001A-0400-0000",  # three groups
+        "MSR 00000480: 001A04000000007",  # no groups
+        "MSR 00000480: < FAIL >",
+        "MSR 480: 001A-0400-0000-0007",
+    ],
+)
+def test_malformed_msr_line(bad: str) -> None:
+    text = text_of(CONROE)
+    lineno = _first_line_number(text, "MSR 00000480:")
+    with pytest.raises(DumpFormatError, match=rf"line {lineno}: malformed MSR line"):
+        parse_dump(_corrupt(text, lineno, bad))
+
+
+def test_conflicting_duplicate_cpuid_line() -> None:
+    text = (
+        "CPUID 00000000: 0000000A-756E6547-6C65746E-49656E69\n"
+        "CPUID 00000000: 0000000B-756E6547-6C65746E-49656E69\n"
+    )
+    with pytest.raises(DumpFormatError, match=r"line 2: .*differs from line 1"):
+        parse_dump(text)
+    # The same record twice is harmless.
+    assert len(parse_dump(text.splitlines()[0] + "\n" + text.splitlines()[0]).cpuid) == 1
+
+
+@needs_fixtures
+def test_a_text_file_that_is_not_a_dump() -> None:
+    with pytest.raises(NotADumpError, match=r"README\.md: not an AIDA64/InstLatx64 CPUID dump"):
+        read_dump(FIXTURES / "README.md")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"\x7fELF\x02\x01\x01\x00\x00\x00",
+        b"hello\nworld\n",
+        b"MSR 00000010: 0000-0000-0000-0001\n",
+    ],
+)
+def test_other_non_dumps(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "file.bin"
+    path.write_bytes(content)
+    with pytest.raises(NotADumpError, match="not an AIDA64/InstLatx64 CPUID dump"):
+        read_dump(path)
+    assert not looks_like_dump(content.decode("latin-1"))
+
+
+def test_missing_file_is_an_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_dump(tmp_path / "absent.txt")
+
+
+def test_minimal_dump_without_headers() -> None:
+    dump = parse_dump("CPUID 00000000: 00000001-68747541-444D4163-69746E65 [AuthenticAMD]\n")
+    assert [c.index for c in dump.cpus] == [0]
+    assert dump.cpuid.max_basic_leaf == 1
+    assert dump.msrs == {}
+
+
+# --- property: formatting records and parsing them gives the values back --------------------------
+
+u32 = st.integers(0, 0xFFFF_FFFF)
+u64 = st.integers(0, (1 << 64) - 1)
+
+
+@given(
+    st.dictionaries(
+        st.tuples(u32, st.integers(0, 0xFF)), st.tuples(u32, u32, u32, u32), max_size=20
+    ),
+    st.dictionaries(u32, st.one_of(st.none(), u64), max_size=20),
+    st.booleans(),
+)
+def test_round_trip(cpuid: dict, msrs: dict, with_comments: bool) -> None:
+    lines = [
+        "------[ CPUID Registers / Logical CPU #3 ]------",
+        "",
+        "CPUID 00000000: 00000001-00000000-00000000-00000000",
+    ]
+    table = {(0, 0): (1, 0, 0, 0)}
+    for (leaf, sub), regs in cpuid.items():
+        if (leaf, sub) == (0, 0):
+            continue
+        table[(leaf, sub)] = regs
+        line = f"CPUID {leaf:08X}: " + "-".join(f"{r:08X}" for r in regs)
+        if sub or with_comments:
+            line += f" [SL {sub:02X}]"
+        if with_comments:
+            line += " [a comment] / with ] brackets ["
+        lines.append(line)
+    lines += ["", "------[ MSR Registers / Logical CPU #3 ]------", ""]
+    for index, value in msrs.items():
+        if value is None:
+            lines.append(f"MSR {index:08X}: < FAILED >")
+        else:
+            h = f"{value:016X}"
+            comment = " [S200]" if with_comments else ""
+            lines.append(f"MSR {index:08X}: {h[0:4]}-{h[4:8]}-{h[8:12]}-{h[12:16]}{comment}")
+    dump = parse_dump("\n".join(lines))
+    assert [c.index for c in dump.cpus] == [3]
+    assert dict(dump.cpuid) == table
+    assert dict(dump.msrs) == {k: v for k, v in msrs.items() if v is not None}
+    assert dump.failed_msrs == {k for k, v in msrs.items() if v is None}
