@@ -10,11 +10,11 @@ import sys
 from . import exits
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
-from .machine import GuestError, Machine, Outcome, describe_exit
+from .machine import GuestError, GuestInterrupted, Machine, Outcome, describe_exit
 from .x86 import layout
 from .x86.modes import Mode
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
 
 RUN_EXAMPLES = """\
 examples:
@@ -144,7 +144,7 @@ def cmd_run(args) -> int:
         elif outcome.failure is not None:
             _error(str(outcome.failure))
     if error is not None:
-        return EXIT_FAILURE
+        return EXIT_INTERRUPTED if isinstance(error, GuestInterrupted) else EXIT_FAILURE
     return outcome.status if 0 <= outcome.status <= 255 else EXIT_FAILURE
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ class GuestTimeout(GuestError):
     """The run outlived its timeout and was stopped (immediate_exit + a signal)."""
 
 
+class GuestInterrupted(GuestError):
+    """The user interrupted the run (Ctrl-C); the guest was stopped where it was."""
+
+
 def describe_exit(exit: exits.Exit) -> str:
     """One line naming an exit and its key fields."""
     if isinstance(exit, (exits.IoOut, exits.IoIn)):
@@ -295,6 +299,8 @@ class Machine:
                 result = self._dispatch(exit, vcpu) if not isinstance(exit, exits.Intr) else self._unexpected(exit, vcpu)
                 if isinstance(result, Outcome):
                     return Outcome(result.status, result.failure, self.exit_count, time.monotonic() - start)
+        except KeyboardInterrupt:
+            raise GuestInterrupted("interrupted (Ctrl-C)", CpuState.capture(vcpu, self.memory)) from None
         finally:
             if timer is not None:
                 timer.cancel()

@@ -15,17 +15,18 @@ from .system import CpuidEntry, cpuid_list, msrs_struct
 from .vm import enable_cap_struct
 
 #: The signal :meth:`Vcpu.kick` sends to a thread blocked in KVM_RUN (a no-op handler is installed).
-KICK_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
+KICK_SIGNAL = signal.SIGRTMIN + 5
 
 
-def _install_kick_handler() -> None:
-    """Make KICK_SIGNAL harmless so that it only interrupts KVM_RUN (EINTR)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(KICK_SIGNAL) in (
-        signal.SIG_DFL,
-        None,
-    ):
+def _install_kick_handler() -> bool:
+    """Make KICK_SIGNAL harmless so that it only interrupts KVM_RUN (EINTR). Python lets only the
+    main thread install handlers; returns whether one is in place."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        if threading.current_thread() is not threading.main_thread():
+            return False
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
         signal.siginterrupt(KICK_SIGNAL, True)
+    return True
 
 
 class Vcpu(FdObject):
@@ -70,6 +71,11 @@ class Vcpu(FdObject):
         self.kvm_run.immediate_exit = 1
         thread = self._thread
         if thread is not None:
+            if not _install_kick_handler():
+                raise RuntimeError(
+                    "cannot interrupt KVM_RUN: create the first vCPU (or import pykvm.vcpu) in the main thread, "
+                    "so that pykvm can install its kick signal handler"
+                )
             try:
                 signal.pthread_kill(thread, KICK_SIGNAL)
             except (ProcessLookupError, OSError):
@@ -246,3 +252,6 @@ class Vcpu(FdObject):
             except BufferError:
                 pass  # an exit's data view is still held: the page is unmapped when it goes
         super().close()
+
+
+_install_kick_handler()  # at import, which is usually in the main thread

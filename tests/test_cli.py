@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def test_runaway_guest_is_stopped_by_timeout(built):
     assert result.returncode == 1
     assert result.stdout == "spinning\n"
     assert "the guest ran past the 0.5 s timeout" in result.stderr and "[jmp 0x1010]" in result.stderr
+
+
+@pytest.mark.kvm
+def test_ctrl_c_stops_the_guest_and_reports_it(built):
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", built["spin"], "--mode", "real"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "spinning\n"  # the guest is in its endless loop now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.startswith("pykvm: error: interrupted (Ctrl-C)\nmode: real") and "[jmp 0x1010]" in err
 
 
 @pytest.mark.kvm
