@@ -277,13 +277,17 @@ _SHUTDOWN = Shutdown()
 _INTR = Intr()
 
 
+_IO = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
+_IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
+
+
 def _io(run, page: memoryview):
-    io = run.io
-    start = io.data_offset
-    end = start + io.size * io.count
-    if io.direction == EXIT_IO_OUT:
-        return IoOut(io.port, io.size, io.count, page[start:end].tobytes())
-    return IoIn(io.port, io.size, io.count, page[start:end])
+    # One unpack instead of five cffi field reads: this is the hottest decoder.
+    direction, size, port, count, start = _IO.unpack_from(page, _IO_OFFSET)
+    end = start + size * count
+    if direction == EXIT_IO_OUT:
+        return IoOut(port, size, count, page[start:end].tobytes())
+    return IoIn(port, size, count, page[start:end])
 
 
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8  # mmio.data follows the 8-byte phys_addr
@@ -320,7 +324,7 @@ def _system_event(run, page):
     return SystemEvent(ev.type, tuple(ev.data[0 : min(ev.ndata, 16)]))
 
 
-_DECODERS = {
+_DECODERS_BY_REASON = {
     ExitReason.UNKNOWN: lambda run, page: Unknown(0, run.hw.hardware_exit_reason),
     ExitReason.EXCEPTION: lambda run, page: ExceptionExit(run.ex.exception, run.ex.error_code),
     ExitReason.IO: _io,
@@ -362,6 +366,7 @@ _DECODERS = {
     ExitReason.NOTIFY: lambda run, page: Notify(run.notify.flags),
     ExitReason.MEMORY_FAULT: _memory_fault,
 }
+_DECODERS = {int(reason): decoder for reason, decoder in _DECODERS_BY_REASON.items()}  # int keys hash faster
 
 
 def decode(run, page: memoryview) -> Exit:
