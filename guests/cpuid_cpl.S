@@ -1,11 +1,12 @@
 /* cpuid_cpl.S - print the CPUID vendor and the CPL, iretq to CPL3, print the CPL again, DONE(0) from CPL3.
  * Mode: 64-bit long mode    Load: flat at GPA 0x100000, entry = first byte
- * Exits: IoOut(port=0xE9) x21 "vendor: <12 chars>\n", x7 "cpl: 0\n", x7 "cpl: 3\n" (at CPL3),
- *        then DONE(0) (IoOut port=0xEA, at CPL3)
+ * Exits: PRINT("vendor: <12 chars>\n") (IoOut port=0xEA), IoOut(port=0xE9) x7 "cpl: 0\n",
+ *        x7 "cpl: 3\n" (at CPL3), then DONE(0) (IoOut port=0xEA, at CPL3)
  *
  * Needs from the host: SEL_USER_CODE64 and SEL_USER_DATA (DPL 3) in the GDT, and page tables
  * whose entries for this image and USER_STACK have the U/S bit set (no CR4.SMEP/SMAP).
- * The CPL3 part does port I/O under RFLAGS.IOPL = 3.
+ * The CPL3 part does port I/O under RFLAGS.IOPL = 3 and the host's TSS I/O bitmap (which is what
+ * allows it on kvm_pvm, where IOPL reads 0 at CPL3).
  */
 #include "pykvm.h"
 
@@ -21,7 +22,7 @@ _start:
 	movl	%ebx, vendor + 0(%rip)
 	movl	%edx, vendor + 4(%rip)
 	movl	%ecx, vendor + 8(%rip)
-	PYKVM_PUTS vendor_line
+	PYKVM_PRINT vendor_line		/* the whole line in one call exit */
 	call	print_cpl
 
 	/* iretq frame, pushed bottom up: SS, RSP, RFLAGS, CS, RIP */

@@ -16,7 +16,8 @@ from pykvm import system
 from pykvm.cli import main, parse_size
 from pykvm.images import guest_image
 
-GUEST_NAMES = ("hello_long", "hello_real", "fail", "triple_fault", "spin", "wild_write")
+GUEST_NAMES = ("hello_long", "hello_real", "hello_protected", "cpuid_cpl", "sync", "io", "page_fault", "fail",
+               "triple_fault", "spin", "wild_write")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,26 @@ def test_parse_size():
 def test_default_guest_runs_and_exits_zero():
     result = run_cli("run")
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello from long mode\n", "")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    "name, mode, code, stdout, stderr_start",
+    [
+        ("hello_protected", "protected", 0, "Hello from protected mode\n", ""),
+        ("cpuid_cpl", "long", 0, None, ""),
+        ("sync", "protected", 0, "", ""),
+        ("io", "protected", 1, "", "pykvm: error: unexpected exit: IoOut(port=0x600, size=1, count=1 data=11)\n"),
+        ("page_fault", "long", 1, "", "pykvm: error: guest exception #PF (vector 14) at rip=0x100000 cs=0x8"),
+    ],
+)
+def test_guests_from_the_command_line(built, name, mode, code, stdout, stderr_start):
+    result = run_cli("run", built[name], "--mode", mode)
+    assert result.returncode == code, result.stderr
+    if stdout is not None:
+        assert result.stdout == stdout
+    assert result.stderr.startswith(stderr_start)
+    assert (result.stderr == "") == (code == 0)
 
 
 @pytest.mark.kvm

@@ -61,8 +61,10 @@ def test_cpuid_vendor_and_cpl(guest, kvm):
     vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode()
     with Machine(kvm=kvm) as m:
         m.load_flat(guest("cpuid_cpl"), "long")
-        assert m.run(timeout=10).ok
+        outcome = m.run(timeout=10)
+    assert outcome.ok
     assert m.console_output.decode() == f"vendor: {vendor}\ncpl: 0\ncpl: 3\n"
+    assert outcome.exits == 1 + 7 + 7 + 1  # PRINT of the vendor line, two lines byte by byte, DONE
 
 
 def test_port_io_string_io_mmio_and_hlt(guest):
