@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -29,21 +28,19 @@ from pykvm.probe.cpuid import (
 from pykvm.probe.dump import Dump, read_dump
 from pykvm.probe.svm import SVM_FEATURES, decode_svm, decode_svm_leaf
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cpuid"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"CPUID/MSR dump fixtures not found at {FIXTURES} (shared/ beside the repository)",
+from dumps import (
+    FIXTURES,
+    needs_fixtures,
+    ALDER_LAKE_N,
+    BARCELONA,
+    CONROE,
+    GRANITE_RIDGE,
+    HASWELL_EP,
+    SAPPHIRE_RAPIDS,
+    SUMMIT_RIDGE,
+    WINDSOR,
+    ZHAOXIN,
 )
-
-CONROE = "GenuineIntel00006F6_Conroe_CPUID.txt"
-HASWELL_EP = "GenuineIntel00306F2_HaswellEP_00_CPUID.txt"
-ALDER_LAKE_N = "GenuineIntel00B06E0_AlderLakeN_02_CPUID.txt"
-SAPPHIRE_RAPIDS = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
-WINDSOR = "AuthenticAMD0040F33_K8_Windsor_CPUID.txt"
-BARCELONA = "AuthenticAMD0100F21_K10_Barcelona_CPUID.txt"
-SUMMIT_RIDGE = "AuthenticAMD0800F11_K17_Zen3_CPUID.txt"  # a Ryzen 5 1500X: Zen 1, family 17h
-GRANITE_RIDGE = "AuthenticAMD0B40F40_K20_GraniteRidge_02_CPUID.txt"
-ZHAOXIN = "CentaurHauls00307B1_ZXE_CPUID.txt"
 INTEL = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS]
 AMD = [WINDSOR, BARCELONA, SUMMIT_RIDGE, GRANITE_RIDGE]
 ALL = INTEL + AMD + [ZHAOXIN]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -34,17 +33,15 @@ from pykvm.probe.vmx import (
     decode_vmx,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cpuid"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"CPUID/MSR dump fixtures not found at {FIXTURES} (shared/ beside the repository)",
+from dumps import (
+    FIXTURES,
+    needs_fixtures,
+    ALDER_LAKE_N,
+    CONROE,
+    HASWELL_EP,
+    SAPPHIRE_RAPIDS,
+    ZHAOXIN,
 )
-
-CONROE = "GenuineIntel00006F6_Conroe_CPUID.txt"
-HASWELL_EP = "GenuineIntel00306F2_HaswellEP_00_CPUID.txt"
-ALDER_LAKE_N = "GenuineIntel00B06E0_AlderLakeN_02_CPUID.txt"
-SAPPHIRE_RAPIDS = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
-ZHAOXIN = "CentaurHauls00307B1_ZXE_CPUID.txt"
 VMX_DUMPS = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, ZHAOXIN]
 AMD_DUMPS = [
     "AuthenticAMD0040F33_K8_Windsor_CPUID.txt",
