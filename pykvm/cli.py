@@ -25,6 +25,22 @@ examples:
   pykvm run guest.bin --json | jq .status
 """
 
+PROBE_EXAMPLES = """\
+examples:
+  pykvm probe                                 everything about this host, and the verdict
+  pykvm probe --section vmx                   the VMX capability MSRs only
+  pykvm probe --json | jq .verdict
+  pykvm probe --from-dump GenuineIntel00306F2_HaswellEP_00_CPUID.txt
+  cpuid -r > mine.txt; pykvm probe --from-dump mine.txt
+"""
+
+COMPARE_EXAMPLES = """\
+examples:
+  pykvm compare                               the comparison, marked for this host
+  pykvm compare --from-dump AuthenticAMD0800F11_K17_Zen3_CPUID.txt
+  pykvm compare --json | jq '.rows[] | select(.topic == "TLB tagging")'
+"""
+
 _SIZE = re.compile(r"^(0x[0-9a-f]+|\d+)\s*([kmg]i?b?)?$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -81,6 +97,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
     run.set_defaults(func=cmd_run)
+
+    probe = sub.add_parser(
+        "probe",
+        help="what this host's VT-x / AMD-V and KVM can do",
+        description="Report the CPU's virtualization extensions, the VMX capability MSRs, the SVM leaf, "
+                    "what KVM offers, and a verdict: can this host run KVM guests, how, and can they nest. "
+                    "Exit status 0: usable; 4: not usable here.",
+        epilog=PROBE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe.add_argument("--json", action="store_true", help="print one JSON document")
+    probe.add_argument("--section", choices=("cpu", "vmx", "svm", "kvm", "all"), default="all",
+                       help="show one part of the report (the verdict is always there)")
+    probe.add_argument("--from-dump", metavar="FILE",
+                       help="decode a raw CPUID/MSR dump of another machine (AIDA64 text or `cpuid -r`)")
+    probe.set_defaults(func=cmd_probe)
+
+    compare = sub.add_parser(
+        "compare",
+        help="Intel VT-x and AMD-V side by side, marked with what this host supports",
+        description="Intel VT-x and AMD-V point by point: CPU modes, control structures, instructions, "
+                    "TLB tagging, nested paging, interrupt and I/O virtualization. Each row is marked with "
+                    "what this host (or a --from-dump machine) supports.",
+        epilog=COMPARE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("--json", action="store_true", help="print one JSON document")
+    compare.add_argument("--from-dump", metavar="FILE", help="mark the rows for a dumped machine instead")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -146,6 +191,51 @@ def cmd_run(args) -> int:
     if error is not None:
         return EXIT_INTERRUPTED if isinstance(error, GuestInterrupted) else EXIT_FAILURE
     return outcome.status if 0 <= outcome.status <= 255 else EXIT_FAILURE
+
+
+def _probe(from_dump: str | None):
+    """The probe report, or None after a one-line error about a bad dump file."""
+    from .probe.dump import DumpFormatError, NotADumpError
+    from .probe.report import probe
+
+    try:
+        return probe(from_dump=from_dump)
+    except (NotADumpError, DumpFormatError) as e:
+        _error(str(e))
+    except OSError as e:
+        _error(f"{from_dump}: {e.strerror}")
+    return None
+
+
+def cmd_probe(args) -> int:
+    from .probe.render import print_report
+    from .probe.report import SECTIONS
+
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    report = _probe(args.from_dump)
+    if report is None:
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(report.to_json(sections), indent=2))
+    else:
+        print_report(report, sections)
+    return report.verdict.exit_code
+
+
+def cmd_compare(args) -> int:
+    from .probe.compare import compare, detect_iommu
+    from .probe.render import print_comparison
+
+    report = _probe(args.from_dump)
+    if report is None:
+        return EXIT_USAGE
+    iommu = detect_iommu() if args.from_dump is None else None
+    comparison = compare(report.cpu, report.best_vmx, report.svm, iommu)
+    if args.json:
+        print(json.dumps({"origin": report.origin, **comparison.to_json()}, indent=2))
+    else:
+        print_comparison(comparison, "this host" if args.from_dump is None else args.from_dump)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

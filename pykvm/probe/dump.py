@@ -1,4 +1,6 @@
-"""Parse AIDA64 / InstLatx64 CPUID + MSR dumps into per-CPU CPUID tables and MSR values.
+"""Parse CPUID dumps into per-CPU CPUID tables and MSR values.
+
+Two formats are read, and told apart by their first non-blank line (see ``cpuid -r`` below).
 
 The format, as published by InstLatx64 (see ``../shared/fixtures/cpuid/README.md``)::
 
@@ -22,6 +24,20 @@ The format, as published by InstLatx64 (see ``../shared/fixtures/cpuid/README.md
 A line that starts like a record (``CPUID`` or ``MSR`` followed by a hexadecimal index) but does
 not parse raises :class:`DumpFormatError` (a ``ValueError``) naming the line number and the line.
 A text that holds no CPUID record at all raises :class:`NotADumpError` (also a ``ValueError``).
+
+``cpuid -r``: the raw output of the Linux ``cpuid`` tool (Todd Allen's; Debian package ``cpuid``)::
+
+    CPU 0:                                                  (``cpuid -1 -r``: a bare "CPU:")
+       0x00000000 0x00: eax=0x0000001c ebx=0x68747541 ecx=0x444d4163 edx=0x69746e65
+       0x00000007 0x01: eax=0x00000020 ebx=0x00000000 ecx=0x00000000 edx=0x00000000
+
+* Each record is leaf, sub-leaf (ECX input) and the four registers, all hexadecimal.
+* A text is in this format when its first non-blank line is a ``CPU N:`` header or starts like
+  a record (``0x`` and a hex digit). Records before any header belong to logical CPU 0, as does
+  the bare ``CPU:`` header.
+* There are no MSRs and no info lines: every non-blank line must be a header or a record, and a
+  header must be followed by at least one record (a header at the end means a cut-off file).
+  Anything else raises :class:`DumpFormatError` naming the line.
 """
 
 from __future__ import annotations
@@ -31,7 +47,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .cpuid import CpuidTable
 
@@ -58,6 +74,14 @@ _MSR_RE = re.compile(
     rf"(?:(?P<value>{_H4}-{_H4}-{_H4}-{_H4})|(?P<failed><\s*FAILED\s*>))"
     r"(?:\s+(?P<comment>\[.*))?$"
 )
+_RAW_HEADER_RE = re.compile(r"^CPU(?:\s+(?P<index>\d+))?\s*:$")
+_RAW_RECORD_RE = re.compile(
+    rf"^0x(?P<leaf>{_HEX8})\s+0x(?P<sub>[0-9A-Fa-f]{{1,8}})\s*:"
+    rf"\s+eax=0x(?P<eax>{_HEX8})\s+ebx=0x(?P<ebx>{_HEX8})"
+    rf"\s+ecx=0x(?P<ecx>{_HEX8})\s+edx=0x(?P<edx>{_HEX8})$"
+)
+_RAW_START_RE = re.compile(r"^0x[0-9A-Fa-f]")
+_NO_RECORDS = "CPU header without records (cut-off cpuid -r output?)"
 # A line that claims to be a record: the keyword, then a token that is an index (hex digits, or
 # anything with a digit in it). "CPUID Manufacturer: ..." and "CPUID CPU Name : ..." are info lines.
 _CANDIDATE_RE = re.compile(r"^(?P<kind>CPUID|MSR)\s+(?P<token>[^\s:]+)")
@@ -80,7 +104,7 @@ class DumpFormatError(ValueError):
 
 
 class NotADumpError(ValueError):
-    """The input is not an AIDA64/InstLatx64 CPUID dump at all."""
+    """The input is not a CPUID dump at all (neither AIDA64/InstLatx64 nor ``cpuid -r``)."""
 
 
 @dataclass(frozen=True)
@@ -164,11 +188,40 @@ class Dump:
         }
 
 
+class _Where(NamedTuple):
+    """Where a record was read, for error messages."""
+
+    source: str
+    lineno: int
+    line: str
+    cpu: int
+
+
+def _regs(m: re.Match[str]) -> tuple[int, int, int, int]:
+    return (int(m["eax"], 16), int(m["ebx"], 16), int(m["ecx"], 16), int(m["edx"], 16))
+
+
 class _CpuBuilder:
     def __init__(self) -> None:
         self.cpuid: dict[tuple[int, int], tuple[tuple[int, int, int, int], int]] = {}
         self.msrs: dict[int, int] = {}
         self.failed: set[int] = set()
+
+    def add_cpuid(
+        self, leaf: int, sub: int, regs: tuple[int, int, int, int], where: _Where
+    ) -> None:
+        # The same record twice is harmless; two different values are not.
+        previous = self.cpuid.get((leaf, sub))
+        if previous is None:
+            self.cpuid[(leaf, sub)] = (regs, where.lineno)
+        elif previous[0] != regs:
+            raise DumpFormatError(
+                where.source,
+                where.lineno,
+                where.line,
+                f"CPUID {leaf:08X} sub-leaf {sub:#x} of logical CPU #{where.cpu} "
+                f"differs from line {previous[1]}",
+            )
 
     def add_msr(self, index: int, value: int | None) -> None:
         # The last read of a register wins, a failed one included.
@@ -189,12 +242,86 @@ def _is_candidate(stripped: str) -> bool:
 
 
 def looks_like_dump(text: str) -> bool:
-    """True if ``text`` holds at least one well-formed ``CPUID`` record line."""
-    return any(_CPUID_RE.match(line.strip()) for line in text.splitlines())
+    """True if ``text`` holds at least one well-formed record line of either format."""
+    return any(
+        _CPUID_RE.match(s) or _RAW_RECORD_RE.match(s)
+        for s in (line.strip() for line in text.splitlines())
+    )
+
+
+def _is_cpuid_r(text: str) -> bool:
+    """Whether ``text`` is ``cpuid -r`` output: its first non-blank line is a header or a record."""
+    for line in text.splitlines():
+        stripped = line.strip().lstrip("\ufeff")
+        if stripped:
+            return bool(_RAW_HEADER_RE.match(stripped) or _RAW_START_RE.match(stripped))
+    return False
+
+
+def _parse_cpuid_r(text: str, source: str) -> Dump:
+    """Parse ``cpuid -r`` output (see the module docstring)."""
+    cpus: dict[int, _CpuBuilder] = {}
+    headers: dict[int, int] = {}  # CPU index -> line number of its header
+    cpu, header_line, header_lineno = 0, "", 0  # the open header, if it has no record yet
+
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip().lstrip("\ufeff")
+        if not stripped:
+            continue
+        hm = _RAW_HEADER_RE.match(stripped)
+        if hm is not None:
+            if header_lineno:
+                raise DumpFormatError(source, header_lineno, header_line, _NO_RECORDS)
+            cpu = int(hm["index"]) if hm["index"] is not None else 0
+            if cpu in headers:
+                reason = f"logical CPU #{cpu} listed twice (first on line {headers[cpu]})"
+                raise DumpFormatError(source, lineno, line, reason)
+            headers[cpu] = lineno
+            header_line, header_lineno = line, lineno
+            continue
+        m = _RAW_RECORD_RE.match(stripped)
+        if m is None:
+            record_like = _RAW_START_RE.match(stripped)
+            reason = "malformed cpuid -r record" if record_like else "not a cpuid -r line"
+            raise DumpFormatError(source, lineno, line, reason)
+        cpus.setdefault(cpu, _CpuBuilder()).add_cpuid(
+            int(m["leaf"], 16), int(m["sub"], 16), _regs(m), _Where(source, lineno, line, cpu)
+        )
+        header_lineno = 0
+    if header_lineno:
+        raise DumpFormatError(source, header_lineno, header_line, _NO_RECORDS)
+    return _build(source, cpus)
+
+
+def _build(
+    source: str,
+    cpus: dict[int, _CpuBuilder],
+    unassigned: _CpuBuilder | None = None,
+    info: dict[str, str] | None = None,
+) -> Dump:
+    unassigned = unassigned or _CpuBuilder()
+    return Dump(
+        source=source,
+        cpus=tuple(
+            LogicalCpu(
+                index=i,
+                cpuid=CpuidTable({k: v[0] for k, v in b.cpuid.items()}),
+                msrs=MappingProxyType(dict(sorted(b.msrs.items()))),
+                failed_msrs=frozenset(b.failed),
+            )
+            for i, b in sorted(cpus.items())
+        ),
+        unassigned_msrs=MappingProxyType(dict(sorted(unassigned.msrs.items()))),
+        unassigned_failed_msrs=frozenset(unassigned.failed),
+        info=MappingProxyType(info or {}),
+    )
 
 
 def parse_dump(text: str, source: str = "<string>") -> Dump:
-    """Parse the text of a dump. Raises DumpFormatError or NotADumpError (both ValueError)."""
+    """Parse the text of a dump (either format). Raises DumpFormatError or NotADumpError
+    (both ValueError)."""
+    if _is_cpuid_r(text):
+        return _parse_cpuid_r(text, source)
     cpus: dict[int, _CpuBuilder] = {}
     unassigned = _CpuBuilder()
     info: dict[str, str] = {}
@@ -227,25 +354,10 @@ def parse_dump(text: str, source: str = "<string>") -> Dump:
                 raise DumpFormatError(source, lineno, line, "malformed sub-leaf marker")
             leaf = int(m.group("leaf"), 16)
             sub = int(m.group("sub"), 16) if m.group("sub") else 0
-            regs = (
-                int(m.group("eax"), 16),
-                int(m.group("ebx"), 16),
-                int(m.group("ecx"), 16),
-                int(m.group("edx"), 16),
-            )
             cpu_index = 0 if section_cpu is None else section_cpu
-            builder = cpus.setdefault(cpu_index, _CpuBuilder())
-            previous = builder.cpuid.get((leaf, sub))
-            if previous is not None and previous[0] != regs:
-                raise DumpFormatError(
-                    source,
-                    lineno,
-                    line,
-                    f"CPUID {leaf:08X} sub-leaf {sub:#x} of logical CPU #{cpu_index} "
-                    f"differs from line {previous[1]}",
-                )
-            if previous is None:
-                builder.cpuid[(leaf, sub)] = (regs, lineno)
+            cpus.setdefault(cpu_index, _CpuBuilder()).add_cpuid(
+                leaf, sub, _regs(m), _Where(source, lineno, line, cpu_index)
+            )
             n_cpuid += 1
         else:
             m = _MSR_RE.match(stripped)
@@ -261,24 +373,10 @@ def parse_dump(text: str, source: str = "<string>") -> Dump:
     if n_cpuid == 0:
         raise NotADumpError(
             f"{source}: not an AIDA64/InstLatx64 CPUID dump "
-            "(no 'CPUID LLLLLLLL: EAX-EBX-ECX-EDX' line found)"
+            "(no 'CPUID LLLLLLLL: EAX-EBX-ECX-EDX' line found) nor `cpuid -r` output"
         )
 
-    return Dump(
-        source=source,
-        cpus=tuple(
-            LogicalCpu(
-                index=i,
-                cpuid=CpuidTable({k: v[0] for k, v in b.cpuid.items()}),
-                msrs=MappingProxyType(dict(sorted(b.msrs.items()))),
-                failed_msrs=frozenset(b.failed),
-            )
-            for i, b in sorted(cpus.items())
-        ),
-        unassigned_msrs=MappingProxyType(dict(sorted(unassigned.msrs.items()))),
-        unassigned_failed_msrs=frozenset(unassigned.failed),
-        info=MappingProxyType(info),
-    )
+    return _build(source, cpus, unassigned, info)
 
 
 def _decode(data: bytes) -> str | None:
