@@ -126,6 +126,20 @@ def render_kvm(report: ProbeReport) -> list[Table]:
     return [_kv_table("KVM", rows)]
 
 
+def render_caps(report: ProbeReport, columns: int = 3) -> list[Table]:
+    """Every KVM_CAP_* this KVM has (value > 0), several to a row."""
+    caps = report.kvm.caps if report.kvm else None
+    if not caps:
+        return []
+    present = [f"{name}={value}" for name, value in caps.items() if value > 0]
+    table = Table(title=f"KVM capabilities ({len(present)} of {len(caps)})", title_justify="left", show_header=False)
+    for _ in range(columns):
+        table.add_column()
+    for i in range(0, len(present), columns):
+        table.add_row(*present[i : i + columns])
+    return [table]
+
+
 RENDERERS = {"cpu": render_cpu, "vmx": render_vmx, "svm": render_svm, "kvm": render_kvm}
 
 
@@ -150,6 +164,9 @@ def print_report(report: ProbeReport, sections: tuple[str, ...], console: Consol
     console = console or Console()
     for name in sections:
         for table in RENDERERS[name](report):
+            console.print(table)
+    if sections == ("kvm",):  # asked for KVM alone: list its capabilities too
+        for table in render_caps(report):
             console.print(table)
     for key, message in report.errors.items():
         if not key.startswith("kvm."):  # the KVM table lists its own
