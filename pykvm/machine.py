@@ -17,6 +17,7 @@ from typing import BinaryIO, Callable
 
 from . import exits
 from .devices.bus import Bus
+from .outcome import GuestFailure, Outcome
 from .ioctl import KvmUnsupportedError
 from .report import CpuState, read_virtual, read_virtual_cstring
 from .system import Kvm
@@ -24,32 +25,6 @@ from .x86 import layout
 from .x86.cpuid import guest_cpuid, has_la57
 from .x86.modes import Mode, code_bits, setup_mode
 from .x86.tables import vector_name
-
-
-@dataclass(frozen=True)
-class GuestFailure:
-    """What the guest said with FAIL: source line, a value, and a message (often file: expression)."""
-
-    line: int
-    value: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"guest FAIL at line {self.line}: {self.message or '(no message)'} (value {self.value:#x})"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended by the guest's own word: DONE(status) or FAIL (status 1, ``failure`` set)."""
-
-    status: int
-    failure: GuestFailure | None = None
-    exits: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 0 and self.failure is None
 
 
 class GuestError(Exception):
