@@ -357,6 +357,14 @@ IRQCHIP_PIC_MASTER = 0
 IRQCHIP_PIC_SLAVE = 1
 IRQCHIP_IOAPIC = 2
 
+# struct kvm_msr_filter_range.flags / struct kvm_msr_filter.flags
+MSR_FILTER_READ = 1 << 0
+MSR_FILTER_WRITE = 1 << 1
+MSR_FILTER_DEFAULT_DENY = 1 << 0
+
+# KVM_CAP_EXIT_HYPERCALL: the hypercalls that exit to user space (bit n = hypercall nr n)
+HC_MAP_GPA_RANGE = 12
+
 # struct kvm_msr_exit.reason
 MSR_EXIT_REASON_INVAL = 1 << 0
 MSR_EXIT_REASON_UNKNOWN = 1 << 1

@@ -12,7 +12,6 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 from . import exits

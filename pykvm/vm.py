@@ -175,6 +175,23 @@ class Vm(FdObject):
         """Wraps ``KVM_SET_CLOCK``."""
         self._ioctl("KVM_SET_CLOCK", ffi.new("struct kvm_clock_data *", {"clock": clock_ns}))
 
+    def x86_set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], *, default_deny: bool = False) -> None:
+        """Filter guest RDMSR/WRMSR: ``ranges`` of (flags, base, nmsrs, bitmap) where flags are
+        MSR_FILTER_READ/WRITE and a 0 bit in ``bitmap`` denies (with KVM_CAP_X86_USER_SPACE_MSR the
+        access then exits to user space). Wraps ``KVM_X86_SET_MSR_FILTER``."""
+        if len(ranges) > 16:
+            raise ValueError("KVM_X86_SET_MSR_FILTER takes at most 16 ranges")
+        filt = ffi.new("struct kvm_msr_filter *", {"flags": int(default_deny)})
+        keep = []  # the bitmaps must live until the ioctl returns
+        for i, (flags, base, nmsrs, bitmap) in enumerate(ranges):
+            if len(bitmap) * 8 < nmsrs:
+                raise ValueError(f"MSR filter range {i}: a bitmap of {len(bitmap)} bytes cannot cover {nmsrs} MSRs")
+            buf = ffi.new("__u8[]", bytes(bitmap))
+            keep.append(buf)
+            r = filt.ranges[i]
+            r.flags, r.base, r.nmsrs, r.bitmap = flags, base, nmsrs, buf
+        self._ioctl("KVM_X86_SET_MSR_FILTER", filt)
+
     def get_stats_fd(self) -> int:
         """A file descriptor of the VM's binary statistics (caller closes it). Wraps ``KVM_GET_STATS_FD``."""
         return self._ioctl("KVM_GET_STATS_FD")

@@ -23,16 +23,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._ffi import ffi
 from ..constants import Cap
 from ..ioctl import KvmUnavailableError
 from .. import system
+from ..stats import StatDescriptor, Stats, read_stats, read_stats_of
 from ..system import Kvm
 from . import host
 from .cpuid import CpuidTable, summarize
 
 if TYPE_CHECKING:
-    from ..vcpu import Vcpu
     from ..vm import Vm
 
 __all__ = [
@@ -53,11 +52,6 @@ __all__ = [
 #: IA32_VMX_BASIC .. IA32_VMX_PROCBASED_CTLS3: the VMX capability MSRs nested KVM gives an L1.
 VMX_MSR_FIRST = 0x480
 VMX_MSR_LAST = 0x492
-
-STAT_TYPES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_hist", 4: "log_hist"}
-STAT_UNITS = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
-STAT_BASES = {0: "pow10", 1: "pow2"}
-_TYPE_SHIFT, _UNIT_SHIFT, _BASE_SHIFT = 0, 4, 8
 
 T = TypeVar("T")
 
@@ -224,107 +218,6 @@ def collect_backend(sys_module: Path | None = None) -> BackendInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StatDescriptor:
-    """One ``struct kvm_stats_desc`` with the value(s) read at ``data_offset + offset``."""
-
-    name: str
-    flags: int
-    type: str  # cumulative, instant, peak, linear_hist, log_hist (or "unknown(N)")
-    unit: str  # none, bytes, seconds, cycles, boolean
-    base: str  # pow10, pow2
-    exponent: int  # value * base ** exponent is in `unit`
-    size: int  # number of u64 values (buckets for a histogram)
-    bucket_size: int  # linear histograms only
-    offset: int
-    values: tuple[int, ...]
-
-    @property
-    def value(self) -> int:
-        """The value of a scalar statistic (the first bucket of a histogram)."""
-        return self.values[0]
-
-    def to_json(self) -> dict[str, Any]:
-        return {**_plain(self), "values": list(self.values)}
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A VM's or vCPU's binary statistics: the id string and every descriptor with its values."""
-
-    id: str
-    flags: int
-    descriptors: tuple[StatDescriptor, ...]
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(d.name for d in self.descriptors)
-
-    def get(self, name: str) -> StatDescriptor | None:
-        return next((d for d in self.descriptors if d.name == name), None)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "flags": self.flags, "descriptors": [d.to_json() for d in self.descriptors]}
-
-
-def _field(flags: int, shift: int, names: Mapping[int, str]) -> str:
-    code = (flags >> shift) & 0xF
-    return names.get(code, f"unknown({code})")
-
-
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise ValueError(f"stats fd: read {len(data)} of {size} bytes at offset {offset}")
-    return data
-
-
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("ascii", errors="replace")
-
-
-def read_stats(fd: int) -> Stats:
-    """Parse a ``KVM_GET_STATS_FD`` file descriptor (read with pread; the fd is left open)."""
-    header_size = ffi.sizeof("struct kvm_stats_header")
-    header = ffi.new("struct kvm_stats_header *")
-    ffi.memmove(header, _pread_exact(fd, header_size, 0), header_size)
-    desc_size = ffi.sizeof("struct kvm_stats_desc")
-    stride = desc_size + header.name_size
-    block = _pread_exact(fd, header.num_desc * stride, header.desc_offset)
-    descs = []
-    for n in range(header.num_desc):
-        start = n * stride
-        desc = ffi.new("struct kvm_stats_desc *")
-        ffi.memmove(desc, block[start : start + desc_size], desc_size)
-        descs.append((desc, _text(block[start + desc_size : start + stride])))
-    data_size = max((d.offset + 8 * d.size for d, _ in descs), default=0)
-    data = _pread_exact(fd, data_size, header.data_offset) if data_size else b""
-    descriptors = tuple(
-        StatDescriptor(
-            name=name,
-            flags=d.flags,
-            type=_field(d.flags, _TYPE_SHIFT, STAT_TYPES),
-            unit=_field(d.flags, _UNIT_SHIFT, STAT_UNITS),
-            base=_field(d.flags, _BASE_SHIFT, STAT_BASES),
-            exponent=d.exponent,
-            size=d.size,
-            bucket_size=d.bucket_size,
-            offset=d.offset,
-            values=tuple(
-                int.from_bytes(data[d.offset + 8 * i : d.offset + 8 * i + 8], "little") for i in range(d.size)
-            ),
-        )
-        for d, name in descs
-    )
-    name_id = _text(_pread_exact(fd, header.name_size, header.id_offset)) if header.name_size else ""
-    return Stats(id=name_id, flags=header.flags, descriptors=descriptors)
-
-
-def _read_stats_of(obj: Vm | Vcpu) -> Stats:
-    """The statistics of a ``Vm`` or ``Vcpu``; the stats fd is closed afterwards."""
-    with open(obj.get_stats_fd(), "rb", buffering=0) as f:
-        return read_stats(f.fileno())
-
-
 # ---------------------------------------------------------------------------------------------
 # Everything
 # ---------------------------------------------------------------------------------------------
@@ -463,8 +356,8 @@ def _collect_from(kvm: Kvm, c: _Collector) -> dict[str, Any]:
         out["vm_caps"] = _frozen({name: v for name, v in vm_caps.items() if caps.get(name) != v})
         if failed:
             c.errors["vm_caps"] = "KVM_CHECK_EXTENSION on a VM failed for " + ", ".join(failed)
-        out["vm_stats"] = c.run("vm_stats", lambda: _read_stats_of(vm))
+        out["vm_stats"] = c.run("vm_stats", lambda: read_stats_of(vm))
         vcpu = c.run("create_vcpu", vm.create_vcpu)
         if vcpu is not None:
-            out["vcpu_stats"] = c.run("vcpu_stats", lambda: _read_stats_of(vcpu))
+            out["vcpu_stats"] = c.run("vcpu_stats", lambda: read_stats_of(vcpu))
     return out
