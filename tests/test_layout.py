@@ -84,7 +84,7 @@ def header_values(exprs: Iterable[str], workdir: Path) -> dict[str, int | None]:
         show = f'printf("%s %lld\\n", "{expr}", (long long)({expr}));'
         body.append(f'#ifdef {expr}\n{show}\n#else\nputs("{expr} -");\n#endif' if expr.isidentifier() else show)
     src, exe = workdir / "kvm_layout.c", workdir / "kvm_layout"
-    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <linux/kvm.h>\n\nint main(void)\n{\n"
+    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <linux/kvm.h>\n#include <linux/kvm_para.h>\n\nint main(void)\n{\n"
                    + "\n".join(body) + "\nreturn 0;\n}\n")
     for cmd in ([CC, "-std=gnu11", "-o", str(exe), str(src)], [str(exe)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
