@@ -1,9 +1,13 @@
-"""``Machine``: a ready VM (memory, one vCPU, the host-protocol devices, a loader) and its run loop.
+"""``Machine``: a ready VM (memory, vCPUs, interrupt controllers, devices) and its run loop.
 
-The run loop is the policy layer: exits the bus handles are answered, the guest's DONE / FAIL on
-the call port end the run with an :class:`Outcome`, and anything unexpected (an exit nobody
-handles, a triple fault, an unhandled exception vector, a timeout) raises a :class:`GuestError`
-that carries the vCPU's registers and the code at RIP.
+The run loop is the policy layer. Every exit goes to a handler: port and MMIO ranges on the bus,
+MSRs (through KVM's MSR filter and user-space MSR exits), hypercalls (KVM_EXIT_HYPERCALL, or the
+hypercall port where the backend cannot exit on VMCALL), and other exit kinds by type. The guest's
+DONE / FAIL on the call port (or a device such as isa-debug-exit) end the run with an
+:class:`Outcome`; anything unexpected (an exit nobody handles, a triple fault, an unhandled
+exception vector, a timeout, a handler that raises) raises a :class:`GuestError` that carries the
+vCPU's registers and the code at RIP. With several vCPUs each runs in its own thread, blocking
+in KVM_RUN with the GIL released; the first to finish stops the others.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import struct
 import sys
 import threading
 import time
+from collections import defaultdict
 from typing import BinaryIO, Callable
 
 from . import exits
 from .devices.bus import Bus
 from .outcome import GuestFailure, Outcome
-from .ioctl import KvmUnsupportedError
+from .constants import HC_MAP_GPA_RANGE, MSR_EXIT_REASON_FILTER, MSR_FILTER_READ, MSR_FILTER_WRITE, Cap
+from .ioctl import KvmError, KvmUnsupportedError
+from .stats import read_stats_of
 from .report import CpuState, read_virtual, read_virtual_cstring
 from .system import Kvm
 from .x86 import layout
@@ -63,6 +70,10 @@ class GuestInterrupted(GuestError):
     """The user interrupted the run (Ctrl-C); the guest was stopped where it was."""
 
 
+class HandlerError(GuestError):
+    """A Python handler raised while answering an exit; the VM was stopped. ``__cause__`` is the error."""
+
+
 def describe_exit(exit: exits.Exit) -> str:
     """One line naming an exit and its key fields."""
     if isinstance(exit, (exits.IoOut, exits.IoIn)):
@@ -78,15 +89,46 @@ def describe_exit(exit: exits.Exit) -> str:
     return repr(exit)
 
 
+class ExitStats:
+    """Exits counted and timed (the Python handling time, KVM_RUN return to the next entry) per
+    exit kind and per bus range."""
+
+    def __init__(self) -> None:
+        self.count: defaultdict[str, int] = defaultdict(int)
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    def add(self, key: str, seconds: float) -> None:
+        self.count[key] += 1
+        self.seconds[key] += seconds
+
+    def merge(self, other: "ExitStats") -> None:
+        for key, n in other.count.items():
+            self.count[key] += n
+            self.seconds[key] += other.seconds[key]
+
+    def rows(self) -> list[tuple[str, int, float]]:
+        """(key, count, seconds), most frequent first."""
+        return sorted(((k, n, self.seconds[k]) for k, n in self.count.items()), key=lambda r: (-r[1], r[0]))
+
+
 class Machine:
-    """A VM with ``mem_size`` bytes of RAM at GPA 0, one vCPU, and the host-protocol devices."""
+    """A VM with ``mem_size`` bytes of RAM at GPA 0, ``cpus`` vCPUs, and the host-protocol devices.
+
+    ``irqchip`` creates KVM's in-kernel PIC, IOAPIC and local APICs (needed for interrupts and
+    for more than one vCPU; HLT is then handled in the kernel), ``pit`` its i8254 timer (default:
+    with the irqchip).
+    """
 
     def __init__(
         self,
         mem_size: int = layout.DEFAULT_MEM_SIZE,
         *,
+        cpus: int = 1,
+        irqchip: bool = False,
+        pit: bool | None = None,
         kvm: Kvm | None = None,
         console: BinaryIO | None = None,
+        console_limit: int = 1 << 20,
         trace: Callable[[exits.Exit], None] | None = None,
     ):
         if mem_size < layout.MIN_MEM_SIZE or mem_size % layout.PAGE_SIZE:
@@ -96,29 +138,49 @@ class Machine:
             )
         if mem_size > layout.MMIO_WINDOW:
             raise ValueError(f"guest memory above {layout.MMIO_WINDOW:#x} would cover the MMIO window")
+        if cpus < 1 or (cpus > 1 and not irqchip):
+            raise ValueError(f"{cpus} vCPUs: need at least 1, and more than 1 needs the in-kernel irqchip")
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
+        self.vcpus: list = []
         try:
             self.vm = self.kvm.create_vm()
             self.ram = self.vm.add_memory(0, mem_size)
-            self.vcpu = self.vm.create_vcpu()
+            if irqchip:
+                self.vm.create_irqchip()
+                if pit is not False:
+                    self.vm.create_pit2()
             self.supported_cpuid = self.kvm.get_supported_cpuid()
-            self.vcpu.set_cpuid2(guest_cpuid(self.supported_cpuid, self.vcpu.id))
+            for i in range(cpus):
+                vcpu = self.vm.create_vcpu(i)
+                vcpu.set_cpuid2(guest_cpuid(self.supported_cpuid, i))
+                self.vcpus.append(vcpu)
         except BaseException:
             self.close()
             raise
+        self.vcpu = self.vcpus[0]
+        self.irqchip = irqchip
         self.memory = self.vm.memory
         self.console = console
+        self.console_limit = console_limit
         self.console_output = bytearray()
+        self.console_dropped = 0
+        self._console_lock = threading.Lock()
         self.syncs: list[int] = []
         self.on_sync: Callable[[int], None] | None = None
         self.trace = trace
-        self.exit_count = 0
+        self.stats = ExitStats()
+        self.kvm_stats: dict[str, int] = {}
         self.bus = Bus()
-        self.bus.add_port(layout.CONSOLE_PORT, self._console_port)
-        self.bus.add_port(layout.CALL_PORT, self._call_port)
-        self.bus.add_port(layout.EXCEPTION_PORT, self._exception_port)
+        self.bus.add_port(layout.CONSOLE_PORT, self._console_port, name="console")
+        self.bus.add_port(layout.CALL_PORT, self._call_port, name="call port")
+        self.bus.add_port(layout.EXCEPTION_PORT, self._exception_port, name="exception stubs")
+        self.bus.add_port(layout.HYPERCALL_PORT, self._hypercall_port, name="hypercall port")
+        self._msr_handlers: dict[int, tuple[Callable | None, Callable | None]] = {}
+        self._hypercalls: dict[int, Callable] = {}
+        self._exit_handlers: dict[type, Callable] = {}
         self._stop_reason: str | None = None
+        self._finished = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -147,7 +209,7 @@ class Machine:
         self.memory.write(gpa, image)
 
     def setup(self, mode: Mode | str, entry: int, *, la57: bool = False) -> None:
-        """Put the vCPU in ``mode`` at ``entry`` (tables written into guest memory)."""
+        """Put the boot vCPU in ``mode`` at ``entry`` (tables written into guest memory)."""
         mode = Mode(mode)
         if la57 and mode is not Mode.LONG:
             raise ValueError("5-level paging (la57) needs long mode")
@@ -165,17 +227,77 @@ class Machine:
         self.load(image, load)
         self.setup(mode, load if entry is None else entry, la57=la57)
 
+    # ---- handlers -------------------------------------------------------------------------------
+    def add_device(self, device) -> None:
+        """Put a device (``pykvm.devices``) on the bus: every port and MMIO range it declares."""
+        device.attach(self.bus)
+
+    def irq(self, gsi: int) -> Callable[[int], None]:
+        """A function that sets interrupt line ``gsi`` (1 raised, 0 lowered) on the in-kernel irqchip."""
+        if not self.irqchip:
+            raise ValueError("interrupt lines need the in-kernel irqchip (Machine(irqchip=True))")
+        return lambda level: self.vm.irq_line(gsi, level)
+
+    def on_port(self, port: int, handler: Callable, count: int = 1, name: str | None = None) -> None:
+        """Answer port I/O on [port, port + count) with ``handler(exit, vcpu)``."""
+        self.bus.add_port(port, handler, count, name)
+
+    def on_mmio(self, gpa: int, size: int, handler: Callable, name: str | None = None) -> None:
+        """Answer MMIO on [gpa, gpa + size) with ``handler(exit, vcpu)``."""
+        self.bus.add_mmio(gpa, size, handler, name)
+
+    def on_msr(self, index: int, read: Callable | None = None, write: Callable | None = None) -> None:
+        """Emulate MSR ``index`` in Python: ``read(vcpu) -> value`` and ``write(vcpu, value)``.
+
+        A handler that returns ``False`` (write) or ``None`` (read) makes the guest take #GP. KVM's
+        MSR filter sends exactly these accesses to user space (KVM_CAP_X86_USER_SPACE_MSR); up to
+        16 MSRs can be emulated."""
+        if read is None and write is None:
+            raise ValueError("on_msr needs a read or a write handler")
+        if index not in self._msr_handlers and len(self._msr_handlers) == 16:
+            raise ValueError("KVM's MSR filter has 16 ranges: at most 16 MSRs can be emulated in Python")
+        if not self.kvm.has_cap(Cap.X86_USER_SPACE_MSR) or not self.kvm.has_cap(Cap.X86_MSR_FILTER):
+            raise KvmUnsupportedError("this KVM cannot send MSR accesses to user space (KVM_CAP_X86_USER_SPACE_MSR)")
+        if not self._msr_handlers:
+            self.vm.enable_cap(Cap.X86_USER_SPACE_MSR, MSR_EXIT_REASON_FILTER)
+        self._msr_handlers[index] = (read, write)
+        self.vm.x86_set_msr_filter([
+            ((MSR_FILTER_READ if r else 0) | (MSR_FILTER_WRITE if w else 0), i, 1, b"\0")  # a 0 bit denies: exit
+            for i, (r, w) in self._msr_handlers.items()
+        ])
+
+    def on_hypercall(self, nr: int, handler: Callable) -> None:
+        """Answer hypercall ``nr`` with ``handler(vcpu, args) -> return value`` (args: RBX, RCX, RDX, RSI).
+
+        Reached by VMCALL/VMMCALL where KVM exits on that hypercall (KVM_CAP_EXIT_HYPERCALL, which
+        today covers KVM_HC_MAP_GPA_RANGE), and always through the hypercall port (a 32-bit ``out``
+        of the number to HYPERCALL_PORT, same registers, the return value in RAX)."""
+        self._hypercalls[nr] = handler
+        mask = self.kvm.check_extension(Cap.EXIT_HYPERCALL)
+        wanted = sum(1 << n for n in self._hypercalls if n < 64 and mask >> n & 1)
+        if wanted:
+            self.vm.enable_cap(Cap.EXIT_HYPERCALL, wanted)
+
+    def on_exit(self, kind: type, handler: Callable) -> None:
+        """Answer exits of class ``kind`` (e.g. ``exits.SystemEvent``) that no other route takes."""
+        self._exit_handlers[kind] = handler
+
     # ---- the host protocol --------------------------------------------------------------------
     def _emit(self, data: bytes) -> None:
-        self.console_output += data
-        if self.console is not None:
-            self.console.write(data)
-            if b"\n" in data:
-                self.console.flush()
+        with self._console_lock:
+            self.console_output += data
+            excess = len(self.console_output) - self.console_limit
+            if excess > 0:  # keep the last console_limit bytes: a flooding guest stays bounded
+                del self.console_output[:excess]
+                self.console_dropped += excess
+            if self.console is not None:
+                self.console.write(data)
+                if b"\n" in data:
+                    self.console.flush()
 
     def _console_port(self, exit, vcpu):
         if isinstance(exit, exits.IoOut):
-            self._emit(bytes(exit.data))
+            self._emit(exit.data)
         else:
             exit.reply(0xFF)  # nothing to read: an idle bus
 
@@ -203,6 +325,22 @@ class Machine:
             return None
         raise UnexpectedExit(f"unknown call {call:#x} on the call port", CpuState.capture(vcpu, self.memory), exit)
 
+    def _hypercall_port(self, exit, vcpu):
+        if isinstance(exit, exits.IoIn):
+            exit.reply(0)
+            return None
+        regs = vcpu.get_regs()
+        ret = self._hypercall(vcpu, exit, regs.rax & 0xFFFFFFFF, (regs.rbx, regs.rcx, regs.rdx, regs.rsi))
+        regs.rax = ret
+        vcpu.set_regs(regs)
+        return None
+
+    def _hypercall(self, vcpu, exit, nr: int, args: tuple[int, ...]) -> int:
+        handler = self._hypercalls.get(nr)
+        if handler is None:
+            raise UnexpectedExit(f"hypercall {nr} has no handler", CpuState.capture(vcpu, self.memory), exit)
+        return int(handler(vcpu, args)) & 0xFFFFFFFFFFFFFFFF
+
     def _exception_port(self, exit, vcpu):
         state = CpuState.capture(vcpu, self.memory)
         sregs = vcpu.get_sregs()
@@ -221,65 +359,148 @@ class Machine:
             state, exit, vector=vector, error_code=error_code, rip=rip,
         )
 
-    # ---- running ------------------------------------------------------------------------------
-    def stop(self, reason: str = "stopped") -> None:
-        """Stop a running :meth:`run` from any thread (it raises GuestTimeout with ``reason``)."""
-        self._stop_reason = reason
-        self.vcpu.kick()
+    # ---- dispatch -------------------------------------------------------------------------------
+    def _route(self, exit):
+        """(handler, stats key) for an exit; handler None when nobody answers it."""
+        kind = type(exit)
+        if kind is exits.IoOut or kind is exits.IoIn:
+            route = self.bus.port_route(exit.port)
+            return (route.handler, route.label) if route else (None, f"port {exit.port:#x}")
+        if kind is exits.MmioWrite or kind is exits.MmioRead:
+            route = self.bus.mmio_route(exit.gpa)
+            return (route.handler, route.label) if route else (None, f"mmio {exit.gpa:#x}")
+        if kind is exits.X86Rdmsr or kind is exits.X86Wrmsr:
+            return (self._msr if exit.index in self._msr_handlers else None), f"msr {exit.index:#x}"
+        if kind is exits.Hypercall:
+            return (self._kvm_hypercall if exit.nr in self._hypercalls else None), f"hypercall {exit.nr}"
+        return self._exit_handlers.get(kind), kind.__name__
 
-    def _dispatch(self, exit, vcpu):
-        if isinstance(exit, (exits.IoOut, exits.IoIn)):
-            handler = self.bus.port_handler(exit.port)
-        elif isinstance(exit, (exits.MmioWrite, exits.MmioRead)):
-            handler = self.bus.mmio_handler(exit.gpa)
+    def _msr(self, exit, vcpu):
+        read, write = self._msr_handlers[exit.index]
+        if isinstance(exit, exits.X86Rdmsr):
+            value = read(vcpu) if read else None
+            vcpu.complete_rdmsr(0 if value is None else value, error=value is None)
         else:
-            handler = None
-        if handler is None:
-            self._unexpected(exit, vcpu)
-        return handler(exit, vcpu)
+            vcpu.complete_wrmsr(error=write is None or write(vcpu, exit.data) is False)
+
+    def _kvm_hypercall(self, exit, vcpu):
+        vcpu.complete_hypercall(self._hypercall(vcpu, exit, exit.nr, exit.args))
 
     def _unexpected(self, exit, vcpu):
         state = CpuState.capture(vcpu, self.memory)
         if isinstance(exit, exits.Shutdown):
             raise TripleFault("the guest triple-faulted (KVM_EXIT_SHUTDOWN)", state, exit)
-        if isinstance(exit, exits.Intr) and self._stop_reason:
-            raise GuestTimeout(self._stop_reason, state, exit)
-        if isinstance(exit, exits.Intr):
-            return None  # a signal meant for someone else: go on
         if isinstance(exit, exits.Hlt):
             raise UnexpectedExit("the guest halted with nothing to wake it (HLT, no interrupts)", state, exit)
         raise UnexpectedExit(f"unexpected exit: {describe_exit(exit)}", state, exit)
 
+    # ---- running ------------------------------------------------------------------------------
+    def stop(self, reason: str = "stopped") -> None:
+        """Stop a running :meth:`run` from any thread (it raises GuestTimeout with ``reason``)."""
+        self._stop_reason = reason
+        self._finished.set()
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def _loop(self, vcpu, stats: ExitStats):
+        """Run one vCPU until an outcome (returned), an error (raised) or another vCPU finishing (None)."""
+        run, route, trace, clock = vcpu.run, self._route, self.trace, time.perf_counter
+        finished = self._finished
+        while True:
+            exit = run()
+            if finished.is_set():
+                if self._stop_reason:
+                    raise GuestTimeout(self._stop_reason, CpuState.capture(vcpu, self.memory), exit)
+                return None
+            if type(exit) is exits.Intr:
+                continue  # a signal meant for someone else
+            start = clock()
+            if trace is not None:
+                trace(exit)
+            handler, key = route(exit)
+            if handler is None:
+                self._unexpected(exit, vcpu)
+            try:
+                result = handler(exit, vcpu)
+            except GuestError:
+                raise
+            except Exception as e:
+                raise HandlerError(
+                    f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
+                    CpuState.capture(vcpu, self.memory), exit,
+                ) from e
+            stats.add(key, clock() - start)
+            if result is not None:
+                return result
+
+    def _run_vcpu(self, vcpu, results: list, stats: ExitStats) -> None:
+        try:
+            result = self._loop(vcpu, stats)
+        except KeyboardInterrupt:
+            result = GuestInterrupted("interrupted (Ctrl-C)", CpuState.capture(vcpu, self.memory))
+        except BaseException as e:  # handed to the thread that called run()
+            result = e
+        if result is not None:
+            results.append(result)
+            self._finished.set()
+            for other in self.vcpus:
+                if other is not vcpu:
+                    other.kick()
+
     def run(self, timeout: float | None = None) -> Outcome:
-        """Run the guest until it says DONE or FAIL. Raises :class:`GuestError` for anything else."""
+        """Run the guest until it says DONE or FAIL (or a device ends the run). Raises
+        :class:`GuestError` for anything else. With several vCPUs, the first to finish stops all."""
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
         self._stop_reason = None
+        self._finished.clear()
         timer = None
         if timeout is not None:
-            if timeout <= 0:
-                raise ValueError(f"timeout must be positive, not {timeout}")
             timer = threading.Timer(timeout, self.stop, (f"the guest ran past the {timeout:g} s timeout",))
             timer.daemon = True
             timer.start()
+        results: list = []
+        stats = [ExitStats() for _ in self.vcpus]
+        before = self._kvm_counters()
         start = time.monotonic()
-        vcpu, trace = self.vcpu, self.trace
+        threads = [threading.Thread(target=self._run_vcpu, args=(v, results, s), name=f"vcpu{v.id}", daemon=True)
+                   for v, s in zip(self.vcpus[1:], stats[1:])]
         try:
-            while True:
-                exit = vcpu.run()
-                self.exit_count += 1
-                if trace is not None:
-                    trace(exit)
-                if self._stop_reason:
-                    self._unexpected(exits.Intr(), vcpu)
-                result = self._dispatch(exit, vcpu) if not isinstance(exit, exits.Intr) else self._unexpected(exit, vcpu)
-                if isinstance(result, Outcome):
-                    return Outcome(result.status, result.failure, self.exit_count, time.monotonic() - start)
-        except KeyboardInterrupt:
-            raise GuestInterrupted("interrupted (Ctrl-C)", CpuState.capture(vcpu, self.memory)) from None
+            for t in threads:
+                t.start()
+            self._run_vcpu(self.vcpu, results, stats[0])
+            for t in threads:
+                t.join()
         finally:
             if timer is not None:
                 timer.cancel()
             if self.console is not None:
                 self.console.flush()
+        for s in stats:
+            self.stats.merge(s)
+        self.kvm_stats = {k: v - before.get(k, 0) for k, v in self._kvm_counters().items() if v != before.get(k, 0)}
+        first = results[0] if results else GuestTimeout(self._stop_reason or "stopped",
+                                                       CpuState.capture(self.vcpu, self.memory))
+        if isinstance(first, BaseException):
+            raise first
+        exits_seen = sum(self.stats.count.values())
+        return Outcome(first.status, first.failure, exits_seen, time.monotonic() - start)
+
+    @property
+    def exit_count(self) -> int:
+        return sum(self.stats.count.values())
+
+    def _kvm_counters(self) -> dict[str, int]:
+        """KVM's cumulative statistics summed over the VM and its vCPUs (empty if unsupported)."""
+        totals: dict[str, int] = defaultdict(int)
+        try:
+            for obj in (self.vm, *self.vcpus):
+                for d in read_stats_of(obj).descriptors:
+                    if d.type == "cumulative" and d.size == 1:
+                        totals[d.name] += d.value
+        except (KvmError, OSError):
+            return {}
+        return dict(totals)
 
 
 def default_console() -> BinaryIO:

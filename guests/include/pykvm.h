@@ -47,6 +47,7 @@
 #define PYKVM_CONSOLE_PORT      0xE9        /* byte out: console (QEMU debugcon) */
 #define PYKVM_CALL_PORT         0xEA        /* 32-bit out of a call number */
 #define PYKVM_EXCEPTION_PORT    0xEB        /* written by the host's exception stubs */
+#define PYKVM_HYPERCALL_PORT    0xEC        /* out of a hypercall number; args RBX, RCX, RDX, RSI; result in RAX */
 #define PYKVM_TEST_PORT         0x600       /* io.S: port I/O tests (TEST_PORT and TEST_PORT + 1) */
 #define PYKVM_TEST_ROM          0x400000    /* memory.S: a read-only slot the host maps (one page) */
 #define PYKVM_TEST_RAM2         0x800000    /* memory.S: a second RAM slot the host maps (one page) */

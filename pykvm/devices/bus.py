@@ -1,49 +1,82 @@
 """The port-I/O and MMIO bus: which handler answers an exit.
 
 A handler is ``handler(exit, vcpu)``; it answers reads by filling ``exit.data`` and returns
-``None`` to let the guest go on, or a value (an :class:`~pykvm.machine.Outcome`) to end the run.
+``None`` to let the guest go on, or an :class:`~pykvm.outcome.Outcome` to end the run. Every
+range has a name (the device's) under which the machine counts its exits.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Callable
+from typing import Callable, NamedTuple
 
 Handler = Callable[..., object]
+
+
+class Route(NamedTuple):
+    """Where an exit goes: the handler, and the range it was registered for (for statistics)."""
+
+    handler: Handler
+    start: int
+    size: int
+    name: str
+
+    @property
+    def label(self) -> str:
+        end = self.start + self.size - 1
+        span = f"{self.start:#x}" if self.size == 1 else f"{self.start:#x}-{end:#x}"
+        return f"{self.name} {span}"
+
+
+def _name(handler: Handler) -> str:
+    owner = getattr(handler, "__self__", None)
+    return type(owner).__name__ if owner is not None else getattr(handler, "__name__", "handler")
 
 
 class Bus:
     """Port ranges and MMIO ranges mapped to handlers. Ranges may not overlap."""
 
     def __init__(self) -> None:
-        self._ports: dict[int, Handler] = {}
-        self._mmio: list[tuple[int, int, Handler]] = []  # (start, end, handler), sorted
+        self._ports: dict[int, Route] = {}
+        self._mmio: list[Route] = []  # sorted by start
+        self._mmio_starts: list[int] = []
 
-    def add_port(self, port: int, handler: Handler, count: int = 1) -> None:
+    def add_port(self, port: int, handler: Handler, count: int = 1, name: str | None = None) -> None:
         """Route ports [port, port + count) to ``handler``."""
         if not (0 <= port and count > 0 and port + count <= 0x10000):
             raise ValueError(f"port range {port:#x}+{count} is outside 0-0xffff")
+        route = Route(handler, port, count, name or _name(handler))
         taken = [p for p in range(port, port + count) if p in self._ports]
         if taken:
-            raise ValueError(f"port {taken[0]:#x} already has a handler")
+            raise ValueError(f"{route.label}: port {taken[0]:#x} already belongs to {self._ports[taken[0]].label}")
         for p in range(port, port + count):
-            self._ports[p] = handler
+            self._ports[p] = route
 
-    def add_mmio(self, gpa: int, size: int, handler: Handler) -> None:
+    def add_mmio(self, gpa: int, size: int, handler: Handler, name: str | None = None) -> None:
         """Route guest-physical [gpa, gpa + size) to ``handler``."""
         if size <= 0 or gpa < 0:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} is empty or negative")
-        for start, end, _ in self._mmio:
-            if gpa < end and start < gpa + size:
-                raise ValueError(f"MMIO range {gpa:#x}-{gpa + size:#x} overlaps {start:#x}-{end:#x}")
-        self._mmio.append((gpa, gpa + size, handler))
-        self._mmio.sort(key=lambda r: r[0])
+        route = Route(handler, gpa, size, name or _name(handler))
+        for other in self._mmio:
+            if gpa < other.start + other.size and other.start < gpa + size:
+                raise ValueError(f"{route.label} overlaps {other.label}")
+        self._mmio.append(route)
+        self._mmio.sort(key=lambda r: r.start)
+        self._mmio_starts = [r.start for r in self._mmio]
 
-    def port_handler(self, port: int) -> Handler | None:
+    def port_route(self, port: int) -> Route | None:
         return self._ports.get(port)
 
-    def mmio_handler(self, gpa: int) -> Handler | None:
-        i = bisect_right([r[0] for r in self._mmio], gpa) - 1
-        if i >= 0 and gpa < self._mmio[i][1]:
-            return self._mmio[i][2]
+    def mmio_route(self, gpa: int) -> Route | None:
+        i = bisect_right(self._mmio_starts, gpa) - 1
+        if i >= 0 and gpa < self._mmio[i].start + self._mmio[i].size:
+            return self._mmio[i]
         return None
+
+    def port_handler(self, port: int) -> Handler | None:
+        route = self._ports.get(port)
+        return route.handler if route else None
+
+    def mmio_handler(self, gpa: int) -> Handler | None:
+        route = self.mmio_route(gpa)
+        return route.handler if route else None

@@ -40,6 +40,8 @@ MIN_MEM_SIZE = 1 * MiB  # the system area and STACK_TOP live in the first MiB
 CONSOLE_PORT = 0xE9  # byte out: guest console (QEMU's debugcon port)
 CALL_PORT = 0xEA  # 32-bit out of a call number (CALL_*); arguments in registers
 EXCEPTION_PORT = 0xEB  # written by the exception stubs; the vector is on the guest's stack
+HYPERCALL_PORT = 0xEC  # 32-bit out of a hypercall number: KVM's hypercall ABI (args RBX, RCX, RDX,
+#                        RSI; the result in RAX) over port I/O, for backends that cannot exit on VMCALL
 TEST_PORT = 0x600  # guests/io.S exercises port I/O on TEST_PORT and TEST_PORT + 1 (free of PC devices)
 BENCH_PORT = 0x700  # guests/bench_io.S (scripts/bench_exits.py): inl of the count N, then N outb (free of PC devices)
 

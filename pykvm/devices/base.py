@@ -1,0 +1,175 @@
+"""What every device model shares: its port ranges, ``attach(bus)``, and register-level dispatch.
+
+A device lists the ports it decodes in ``ports`` (``(first_port, count)`` pairs) and, where it
+has any, its MMIO ranges in ``mmio_ranges`` (``(gpa, size)`` pairs, answered by its ``mmio``
+method). :meth:`Device.attach` registers them all on a :class:`~pykvm.devices.bus.Bus`.
+
+:meth:`Device.io` turns a port exit into register accesses: one :meth:`Device.read` or
+:meth:`Device.write` per item of a string instruction (``rep insb`` / ``rep outsb`` arrive as one
+exit with ``count`` items), and, for devices with 8-bit registers (``byte_registers``), one access
+per byte at consecutive ports, as the ISA bus splits a 16- or 32-bit cycle to an 8-bit device
+(QEMU does the same for regions whose ``impl.max_access_size`` is 1). A byte that falls outside
+the device's own ports is dropped on write and reads as ``0xFF`` (nobody drives the bus).
+
+Interrupts: a device that has any takes ``irq: Callable[[int], None] | None`` and calls it with
+the new level of its interrupt line (1 raised, 0 lowered) only when the level changes; the
+machine maps it to ``KVM_IRQ_LINE`` on a GSI.
+
+Every access runs under the device's lock, so a device may be shared by several vCPU threads and
+by a host thread (the UART's input feeder).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import BinaryIO, Callable
+
+from .. import exits
+from ..outcome import Outcome
+
+Irq = Callable[[int], None]
+
+DEFAULT_CAPTURE_LIMIT = 1 << 20  # bytes of guest output a console keeps in memory (the newest)
+
+
+class Device:
+    """A device model on the port / MMIO bus."""
+
+    ports: tuple[tuple[int, int], ...] = ()
+    mmio_ranges: tuple[tuple[int, int], ...] = ()
+    byte_registers = True  # wider port accesses are split into byte accesses at consecutive ports
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # ---- wiring -------------------------------------------------------------------------------
+    def attach(self, bus) -> None:
+        """Register every port range (to :meth:`io`) and MMIO range (to :meth:`mmio`) on ``bus``."""
+        for first, count in self.ports:
+            bus.add_port(first, self.io, count)
+        for gpa, size in self.mmio_ranges:
+            bus.add_mmio(gpa, size, self.mmio)
+
+    def owns_port(self, port: int) -> bool:
+        return any(first <= port < first + count for first, count in self.ports)
+
+    # ---- exits --------------------------------------------------------------------------------
+    def io(self, exit, vcpu=None) -> Outcome | None:
+        """Answer an :class:`~pykvm.exits.IoOut` / :class:`~pykvm.exits.IoIn` exit (a bus handler)."""
+        size = exit.size
+        with self._lock:
+            if isinstance(exit, exits.IoOut):
+                data = exit.data
+                for i in range(0, size * exit.count, size):
+                    value = int.from_bytes(data[i : i + size], "little")
+                    result = self._write(exit.port, size, value)
+                    if result is not None:
+                        return result
+                return None
+            out = exit.data
+            for i in range(0, size * exit.count, size):
+                out[i : i + size] = self._read(exit.port, size).to_bytes(size, "little")
+            return None
+
+    def mmio(self, exit, vcpu=None) -> Outcome | None:
+        """Answer an MMIO exit (devices with ``mmio_ranges`` override this)."""
+        raise NotImplementedError(f"{type(self).__name__} has no MMIO registers")
+
+    def _write(self, port: int, size: int, value: int) -> Outcome | None:
+        if size == 1 or not self.byte_registers:
+            return self.write(port, size, value)
+        for i in range(size):
+            if self.owns_port(port + i):
+                result = self.write(port + i, 1, (value >> (8 * i)) & 0xFF)
+                if result is not None:
+                    return result
+        return None
+
+    def _read(self, port: int, size: int) -> int:
+        if size == 1 or not self.byte_registers:
+            return self.read(port, size) & ((1 << (8 * size)) - 1)
+        value = 0
+        for i in range(size):
+            byte = self.read(port + i, 1) & 0xFF if self.owns_port(port + i) else 0xFF
+            value |= byte << (8 * i)
+        return value
+
+    # ---- registers (subclasses) ---------------------------------------------------------------
+    def read(self, port: int, size: int) -> int:
+        """The value a read of ``size`` bytes at ``port`` returns (called with the lock held)."""
+        return (1 << (8 * size)) - 1
+
+    def write(self, port: int, size: int, value: int) -> Outcome | None:
+        """Take a write of ``value`` (``size`` bytes) at ``port``; an Outcome ends the run."""
+        return None
+
+
+class IrqLine:
+    """An interrupt output: remembers its level and calls ``irq(level)`` only on a change."""
+
+    __slots__ = ("_irq", "level")
+
+    def __init__(self, irq: Irq | None) -> None:
+        self._irq = irq
+        self.level = 0
+
+    def set(self, level: int) -> None:
+        level = 1 if level else 0
+        if level != self.level:
+            self.level = level
+            if self._irq is not None:
+                self._irq(level)
+
+
+class BoundedCapture:
+    """The newest ``limit`` bytes of an output stream; older bytes are dropped and counted.
+
+    A guest that floods its console costs at most ``limit`` bytes of host memory here, however
+    long it runs. ``total`` counts every byte ever appended, ``dropped`` those no longer kept.
+    """
+
+    def __init__(self, limit: int = DEFAULT_CAPTURE_LIMIT) -> None:
+        if limit < 0:
+            raise ValueError(f"capture limit must be >= 0, not {limit}")
+        self.limit = limit
+        self.total = 0
+        self._buf = bytearray()
+
+    def append(self, data: bytes) -> None:
+        self.total += len(data)
+        if len(data) >= self.limit:
+            self._buf[:] = data[len(data) - self.limit :]
+            return
+        self._buf += data
+        excess = len(self._buf) - self.limit
+        if excess > 0:
+            del self._buf[:excess]  # cheap: CPython's bytearray drops a prefix by moving its start
+
+    @property
+    def dropped(self) -> int:
+        return self.total - len(self._buf)
+
+    def getvalue(self) -> bytes:
+        return bytes(self._buf)
+
+    def clear(self) -> None:
+        self._buf.clear()
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+
+class ConsoleOutput:
+    """Where a console's bytes go: written through to ``stream`` (flushed at each newline) and
+    kept in a :class:`BoundedCapture`."""
+
+    def __init__(self, stream: BinaryIO | None, limit: int = DEFAULT_CAPTURE_LIMIT) -> None:
+        self.stream = stream
+        self.capture = BoundedCapture(limit)
+
+    def emit(self, data: bytes) -> None:
+        self.capture.append(data)
+        if self.stream is not None:
+            self.stream.write(data)
+            if b"\n" in data:
+                self.stream.flush()
