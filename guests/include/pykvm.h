@@ -51,6 +51,9 @@
 #define PYKVM_TEST_PORT         0x600       /* io.S: port I/O tests (TEST_PORT and TEST_PORT + 1) */
 #define PYKVM_TEST_ROM          0x400000    /* memory.S: a read-only slot the host maps (one page) */
 #define PYKVM_TEST_RAM2         0x800000    /* memory.S: a second RAM slot the host maps (one page) */
+#define PYKVM_EVENTFD_PORT      0x610       /* eventfd.S: writes answered by an ioeventfd in the kernel */
+#define PYKVM_TEST_MSR          0x40001000  /* msr.S: an MSR emulated in Python */
+#define PYKVM_TEST_HYPERCALL    0x50        /* hypercall.S: a hypercall answered by Python */
 #define PYKVM_BENCH_PORT        0x700       /* bench_io.S: inl of the count, then one outb per iteration */
 
 #define PYKVM_CALL_DONE         1

@@ -538,7 +538,12 @@ class TLB:
                 for st in sets:
                     if not st:
                         continue
-                    dead = list(st) if mask == 0 and not extra else [k for k in st if match(k)]
+                    if extra:
+                        dead = [k for k in st if match(k)]
+                    elif mask:
+                        dead = [k for k in st if k & mask == value]
+                    else:
+                        dead = list(st)
                     for k in dead:
                         del st[k]
                     removed += len(dead)
@@ -561,8 +566,10 @@ class TLB:
             if va is not None and not psc_all_addresses:
                 prefix = va >> shift
                 dead = [k for k in cache if (k >> _VPN_SHIFT) == prefix and match(k)]
-            else:
+            elif extra:
                 dead = [k for k in cache if match(k)]
+            else:
+                dead = [k for k in cache if k & mask == value]
             for k in dead:
                 del cache[k]
         return removed

@@ -43,6 +43,9 @@ EXCEPTION_PORT = 0xEB  # written by the exception stubs; the vector is on the gu
 HYPERCALL_PORT = 0xEC  # 32-bit out of a hypercall number: KVM's hypercall ABI (args RBX, RCX, RDX,
 #                        RSI; the result in RAX) over port I/O, for backends that cannot exit on VMCALL
 TEST_PORT = 0x600  # guests/io.S exercises port I/O on TEST_PORT and TEST_PORT + 1 (free of PC devices)
+EVENTFD_PORT = 0x610  # guests/eventfd.S writes here: an ioeventfd, answered in the kernel, not Python
+TEST_MSR = 0x40001000  # guests/msr.S reads and writes this MSR; a test emulates it in Python
+TEST_HYPERCALL = 0x50  # guests/hypercall.S makes this hypercall through the hypercall port
 BENCH_PORT = 0x700  # guests/bench_io.S (scripts/bench_exits.py): inl of the count N, then N outb (free of PC devices)
 
 CALL_DONE = 1  # EBX = exit status (0: success)
