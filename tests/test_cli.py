@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,7 +111,8 @@ def test_runaway_guest_is_stopped_by_timeout(built):
 def test_ctrl_c_stops_the_guest_and_reports_it(built):
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", built["spin"], "--mode", "real"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "spinning\n"  # the guest is in its endless loop now
+    assert proc.stdout.readline() == "spinning\n"  # the guest is at (or right before) its endless loop
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -180,7 +180,7 @@ def test_guest_builds_to_flat_image(build, source):
     assert paddr == load
     # The flat image is that segment, so its first bytes are the instructions at the entry.
     assert image == elf[offset:offset + filesz]
-    assert image[:16] == elf[offset + entry - paddr:][:16]
+    assert image[:16] == elf[offset + entry - paddr : offset + filesz][:16]
 
 
 def test_make_one_guest_into_a_cache_dir(tmp_path):
