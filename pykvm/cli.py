@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print one JSON document")
     compare.add_argument("--from-dump", metavar="FILE", help="mark the rows for a dumped machine instead")
     compare.set_defaults(func=cmd_compare)
+
+    from .model import tlbcmd
+
+    tlbcmd.add_parser(sub)
     return parser
 
 

@@ -207,7 +207,7 @@ class Cmos(Device):
         if port == self.base:
             self.index = value & 0x7F
             self.nmi_disabled = bool(value & 0x80)
-            return None
+            return
         index = self.index
         if index in _TIME_REGS:
             if self._latched is not None:
@@ -231,4 +231,3 @@ class Cmos(Device):
             pass  # read-only
         else:
             self.ram[index] = value
-        return None

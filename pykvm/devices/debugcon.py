@@ -53,13 +53,11 @@ class DebugConsole(Device):
             data = exit.data if exit.size == 1 else bytes(exit.data[:: exit.size])
             with self._lock:
                 self.output.emit(data)
-            return None
+            return
         exit.reply(self.readback)
-        return None
 
     def read(self, port: int, size: int) -> int:
         return self.readback
 
     def write(self, port: int, size: int, value: int):
         self.output.emit(bytes((value & 0xFF,)))
-        return None

@@ -87,6 +87,7 @@ FILE_NAME_SIZE = 56
 MAX_FILES = FW_CFG_ENTRY_MASK + 1 - FW_CFG_FILE_FIRST
 _DMA_ACCESS = struct.Struct(">IIQ")  # control, length, address
 _FILE = struct.Struct(">IHH56s")
+_ZERO_CHUNK = 1 << 20
 
 
 class FwCfg(Device):
@@ -140,7 +141,8 @@ class FwCfg(Device):
     # ---- contents -----------------------------------------------------------------------------
     def add_item(self, key: int, data: bytes) -> None:
         """Set the numbered item ``key`` (below FW_CFG_FILE_FIRST, or arch-local 0x8000-0x801F)."""
-        if key & FW_CFG_WRITE_CHANNEL or key & FW_CFG_ENTRY_MASK >= FW_CFG_FILE_FIRST or not 0 <= key <= 0xFFFF:
+        if (not 0 <= key <= 0xFFFF or key & FW_CFG_WRITE_CHANNEL or key == FW_CFG_FILE_DIR
+                or key & FW_CFG_ENTRY_MASK >= FW_CFG_FILE_FIRST):
             raise ValueError(f"fw_cfg key {key:#x} is not a numbered item (files use add_file)")
         with self._lock:
             self._items[key] = bytes(data)
@@ -193,11 +195,15 @@ class FwCfg(Device):
         self._key = key & 0xFFFF
         self._offset = 0
 
-    def _read_data(self, n: int) -> bytes:
-        data = self.item(self._key)
-        chunk = data[self._offset : self._offset + n]
+    def _advance(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the selected item from the offset, which moves past them."""
+        chunk = self.item(self._key)[self._offset : self._offset + n]
         self._offset += len(chunk)
-        return chunk + bytes(n - len(chunk))
+        return chunk
+
+    def _read_data(self, n: int) -> bytes:
+        chunk = self._advance(n)
+        return chunk + bytes(n - len(chunk))  # past the end: zeros
 
     def io(self, exit, vcpu=None):
         if isinstance(exit, exits.IoIn) and exit.port in (self.base, self.base + 1) and exit.size == 1:
@@ -210,13 +216,14 @@ class FwCfg(Device):
         if port in (self.base, self.base + 1):
             return self._read_data(1)[0] if size == 1 else 0
         offset = port - self.dma_base
-        return int.from_bytes(DMA_SIGNATURE[offset : offset + size].ljust(size, b"\0"), "big")
+        # Big-endian register: the guest sees the signature's bytes in order at 0x514-0x51B.
+        return int.from_bytes(DMA_SIGNATURE[offset : offset + size].ljust(size, b"\0"), "little")
 
     def write(self, port: int, size: int, value: int):
         if port in (self.base, self.base + 1):
             if size == 2:
                 self._select(value)
-            return None  # data writes are ignored
+            return  # data writes are ignored
         # The DMA address register is big-endian: the bytes the guest wrote, in order, are the
         # address (a guest does outl(cpu_to_be32(addr)), so `value` here is byte-swapped).
         be = int.from_bytes(value.to_bytes(size, "little"), "big")
@@ -226,7 +233,6 @@ class FwCfg(Device):
         elif size == 4 and offset == 4:
             address, self._dma_high = (self._dma_high << 32) | be, 0
             self._dma(address)
-        return None
 
     def _dma(self, address: int) -> None:
         memory = self.memory
@@ -238,15 +244,21 @@ class FwCfg(Device):
             self._select(control >> 16)
         error = 0
         if control & DMA_CTL_READ:
-            data = self._read_data(length)
+            data = self._advance(length)
             try:
                 memory.write(target, data)
+                # Past the item's end QEMU writes zeros; in bounded chunks, whatever the length.
+                done = len(data)
+                while done < length:
+                    n = min(length - done, _ZERO_CHUNK)
+                    memory.write(target + done, bytes(n))
+                    done += n
             except ValueError:
                 error = DMA_CTL_ERROR
         elif control & DMA_CTL_WRITE:
             error = DMA_CTL_ERROR  # every item is read-only
         elif control & DMA_CTL_SKIP:
-            self._read_data(length)
+            self._advance(length)
         try:
             memory.write(address, struct.pack(">I", error))
         except ValueError:

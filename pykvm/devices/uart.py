@@ -327,7 +327,6 @@ class Uart16550(Device):
         elif reg == SCR:
             self.scr = value
         # LSR and MSR are read-only (the datasheet reserves LSR writes for factory test).
-        return None
 
     def _transmit(self, byte: int) -> None:
         self._thr_ipending = False

@@ -155,8 +155,11 @@ def system_ranges(mode=None) -> list[Range]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    what = f"pykvm's {mode.value}-mode system tables (GDT, IDT, TSS, exception stubs"
-    what += ", page tables)" if mode.value in ("paged", "pae", "long") else ")"
+    if mode is Mode.REAL:
+        what = "pykvm's real-mode system tables (interrupt vector table, exception stubs)"
+    else:
+        paging = ", page tables" if mode is not Mode.PROTECTED else ""
+        what = f"pykvm's {mode.value}-mode system tables (GDT, IDT, TSS, exception stubs{paging})"
     return [Range(start, end, what) for start, end in merged]
 
 

@@ -71,7 +71,7 @@ Page walks
 ==========
 :meth:`TLB.translate` is one access: a hit costs nothing; a miss walks the paging structures,
 starting below the deepest paging-structure-cache hit, and fills the TLB and the PSC. The walk
-costs ``walk_reference_count(r, 0)`` memory references on the host (a 1-D walk of ``r`` remaining
+costs ``walk_reference_count(r)`` memory references on the host (a 1-D walk of ``r`` remaining
 levels) and ``walk_reference_count(r, nested_levels)`` for a guest under EPT/NPT (a 2-D walk:
 each guest level's entry is found through a nested walk, and so is the final guest-physical
 address): 4 and 24 for a full 4-level walk. Nested (EPT) paging-structure caches are not
@@ -88,13 +88,13 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
+    "TLB",
     "Entry",
     "Kind",
     "PageSize",
     "Policy",
     "PwcEntry",
     "ReplayStats",
-    "TLB",
     "TLBConfig",
     "pack_access",
     "replay",
@@ -126,7 +126,7 @@ class PageSize(enum.IntEnum):
         return ("4K", "2M", "1G")[self.value]
 
     @classmethod
-    def parse(cls, text: str) -> "PageSize":
+    def parse(cls, text: str) -> PageSize:
         try:
             return {"4K": cls.SIZE_4K, "2M": cls.SIZE_2M, "1G": cls.SIZE_1G}[text.upper()]
         except KeyError:
@@ -175,16 +175,12 @@ def _context(kind: int, tag: int, pcid: int, eptp: int) -> int:
     return (pcid << _PCID_SHIFT) | (tag << _TAG_SHIFT) | (eptp << _EPTP_SHIFT) | kind
 
 
-def walk_references(guest_levels: int, nested_levels: int) -> int:
-    """Memory references of a page walk: ``pykvm.model.paging.walk_reference_count``.
+def walk_references(guest_levels: int, nested_levels: int | None = None) -> int:
+    """Memory references of an uncached walk of ``guest_levels`` levels: 1-D (``nested_levels``
+    None), or 2-D under nested tables, ``(n+1)(m+1) - 1``.  The paging model's
+    :func:`pykvm.model.paging.walk_reference_count`, imported when a TLB is built."""
+    from .paging import walk_reference_count
 
-    ``nested_levels=0`` is a 1-D walk (``guest_levels`` references); otherwise a 2-D walk,
-    ``(n+1)(m+1) - 1``.  Imported lazily so that the TLB model does not need the paging model
-    at import time; the same formula stands in while that module is absent."""
-    try:
-        from .paging import walk_reference_count
-    except ImportError:  # the paging model not there (yet): the same closed form
-        return (guest_levels + 1) * (nested_levels + 1) - 1
     return walk_reference_count(guest_levels, nested_levels)
 
 
@@ -248,7 +244,7 @@ class TLBConfig:
     guest_levels: int = 4
     nested_levels: int = 4
 
-    def build(self) -> "TLB":
+    def build(self) -> TLB:
         l2 = self.levels == 2
         return TLB(self.sets, self.ways, l2_sets=self.l2_sets if l2 else 0, l2_ways=self.l2_ways if l2 else 0,
                    pwc_entries=self.pwc, guest_levels=self.guest_levels, nested_levels=self.nested_levels)
@@ -304,7 +300,7 @@ class TLB:
             level = guest_levels - i
             self._psc[level] = (OrderedDict(), capacity, 12 + 9 * (level - 1))
         # Memory references of a walk of r remaining guest levels: 1-D (host) and 2-D (EPT/NPT).
-        self.walk_cost_1d = tuple(walk_references(r, 0) if r else 0 for r in range(guest_levels + 1))
+        self.walk_cost_1d = tuple(walk_references(r) if r else 0 for r in range(guest_levels + 1))
         self.walk_cost_2d = tuple(walk_references(r, nested_levels) if r else 0 for r in range(guest_levels + 1))
 
     # ---- introspection -------------------------------------------------------------------------

@@ -44,11 +44,12 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import asdict, dataclass
-from typing import IO, Iterable
+from typing import IO
+from collections.abc import Iterable
 
 from .tlb import MAX_EPTP, MAX_PCID, TLB_CONTROL_VALUES, PageSize, pack_access
 
-__all__ = ["Trace", "TraceError", "Workload", "parse_trace", "read_trace", "TRACE_FORMAT"]
+__all__ = ["TRACE_FORMAT", "Trace", "TraceError", "Workload", "parse_trace", "read_trace"]
 
 TRACE_FORMAT = """\
 trace file format (one event per line, # comments; VM 0 is the host):
@@ -61,6 +62,8 @@ trace file format (one event per line, # comments; VM 0 is the host):
   I invept 1 <vm> | 2                                  INVEPT single-context / global
   I invlpga <vm> <va>                 INVLPGA: one page of <vm>'s ASID
   I tlb_control <vm> 0|1|3|7          VMRUN of <vm> with that VMCB TLB_CONTROL
+  An access in another VM or PCID than the current one implies the W and C lines; the replay
+  starts in the host (VM 0, PCID 0). A malformed line stops the command (exit 2) naming FILE:LINE.
 """
 
 MAX_VM = MAX_EPTP
@@ -116,14 +119,22 @@ class Trace:
                 pcids[vm] = event[2]
                 fp.write(f"C {vm} {event[2]}\n")
             else:
-                fp.write(" ".join(["I", event[1], *(_format_arg(event[1], i, x) for i, x in enumerate(event[2]))]))
-                fp.write("\n")
+                fp.write(f"I {invalidation_text(event[1], event[2])}\n")
 
 
-def _format_arg(name: str, index: int, value: int) -> str:
-    is_va = (name in ("invlpg",) and index == 0) or (name in ("invpcid", "invvpid") and index == 2) or (
-        name == "invlpga" and index == 1)
-    return f"{value:#x}" if is_va else str(value)
+def invalidation_text(name: str, args: tuple[int, ...]) -> str:
+    """The ``I`` line (less the ``I``) of a parsed invalidation."""
+    if name == "invlpg":
+        return f"invlpg {args[0]:#x}"
+    if name in ("invpcid", "invvpid"):
+        type_, who, va = args
+        return {0: f"{name} 0 {who} {va:#x}", 2: f"{name} 2"}.get(type_, f"{name} {type_}" + (
+            "" if name == "invpcid" and type_ == 3 else f" {who}"))
+    if name == "invept":
+        return f"invept 1 {args[1]}" if args[0] == 1 else "invept 2"
+    if name == "invlpga":
+        return f"invlpga {args[0]} {args[1]:#x}"
+    return f"tlb_control {args[0]} {args[1]}"
 
 
 # ---- parsing --------------------------------------------------------------------------------------
