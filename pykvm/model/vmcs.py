@@ -35,9 +35,10 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from types import MappingProxyType
-from typing import Union
 
-from ..probe.vmx import (
+from ..probe.vmx import (  # bit names shared with the probe
+    _CR0_BITS,
+    _CR4_BITS,
     CONTROL_NAMES,
     DEFAULT1,
     MSR_NAMES,
@@ -47,17 +48,17 @@ from ..probe.vmx import (
 )
 
 __all__ = [
+    "VMCS_FIELDS",
+    "VMCS_RULES",
+    "VMWRITE_ENTRY",
+    "VMWRITE_TERMINATOR",
+    "VMX_EXIT_REASONS",
     "Access",
     "Area",
     "Encoding",
     "ExitReason",
     "FieldType",
     "Rule",
-    "VMCS_FIELDS",
-    "VMCS_RULES",
-    "VMWRITE_ENTRY",
-    "VMWRITE_TERMINATOR",
-    "VMX_EXIT_REASONS",
     "Violation",
     "VmcsField",
     "VmcsImage",
@@ -124,7 +125,7 @@ class Encoding:
         return encode(self.access, self.index, self.type, self.width)
 
 
-def encode(access: int, index: int, type: int, width: int) -> int:  # noqa: A002 - SDM term
+def encode(access: int, index: int, type: int, width: int) -> int:
     """The 32-bit encoding of a field from its parts (see the module docstring)."""
     if access not in (0, 1):
         raise ValueError(f"access type must be 0 (full) or 1 (high), got {access!r}")
@@ -145,7 +146,8 @@ def decode_encoding(encoding: int) -> Encoding:
     Raises ValueError for bits the SDM reserves (12 and 31:15) and for a 'high' access to a
     field that is not 64 bits wide (such encodings name no field).
     """
-    if isinstance(encoding, bool) or not isinstance(encoding, int) or not 0 <= encoding <= 0xFFFF_FFFF:
+    if (isinstance(encoding, bool) or not isinstance(encoding, int)
+            or not 0 <= encoding <= 0xFFFF_FFFF):
         raise ValueError(f"a VMCS field encoding is a 32-bit unsigned integer, got {encoding!r}")
     if encoding & _RESERVED_ENCODING_BITS:
         bad = [b for b in range(32) if (encoding & _RESERVED_ENCODING_BITS) >> b & 1]
@@ -153,7 +155,8 @@ def decode_encoding(encoding: int) -> Encoding:
     access = Access(encoding & 1)
     width = Width((encoding >> 13) & 3)
     if access == Access.HIGH and width != Width.BITS64:
-        raise ValueError(f"encoding {encoding:#x}: access type 'high' with a {width.bits}-bit width")
+        raise ValueError(
+            f"encoding {encoding:#x}: access type 'high' with a {width.bits}-bit width")
     return Encoding(access, (encoding >> 1) & 0x1FF, FieldType((encoding >> 10) & 3), width)
 
 
@@ -184,7 +187,7 @@ class VmcsField:
     encoding: int  # the full-access encoding
     area: Area
     description: str  # the SDM's name of the field
-    linux_name: bool  # True: the name is the Linux kernel's (enum vmcs_field)
+    linux_name: bool  # True: Linux's name (enum vmcs_field; FRED fields: the KVM FRED series)
 
     @property
     def decoded(self) -> Encoding:
@@ -437,7 +440,7 @@ _BY_ENCODING: Mapping[int, VmcsField] = MappingProxyType(
     {f.encoding: f for f in VMCS_FIELDS.values()}
 )
 
-FieldKey = Union[str, int, VmcsField]
+FieldKey = str | int | VmcsField
 
 
 def field(key: FieldKey) -> VmcsField:
@@ -612,7 +615,9 @@ class VmcsImage(MutableMapping[str, int]):
     every field its entry depends on).
     """
 
-    def __init__(self, values: Mapping[FieldKey, int] | Iterable[tuple[FieldKey, int]] = ()) -> None:
+    def __init__(
+        self, values: Mapping[FieldKey, int] | Iterable[tuple[FieldKey, int]] = ()
+    ) -> None:
         self._values: dict[str, int] = {}
         items = values.items() if isinstance(values, Mapping) else values
         for k, v in items:
@@ -728,7 +733,8 @@ class VmcsImage(MutableMapping[str, int]):
         """The inverse of :meth:`to_bytes` (stops at a terminator entry if there is one)."""
         if len(data) % VMWRITE_ENTRY.size:
             raise ValueError(
-                f"a packed VMWRITE table is a multiple of {VMWRITE_ENTRY.size} bytes, got {len(data)}"
+                f"a packed VMWRITE table is a multiple of {VMWRITE_ENTRY.size} bytes, "
+                f"got {len(data)}"
             )
         table = []
         for encoding, value in VMWRITE_ENTRY.iter_unpack(data):
@@ -778,7 +784,8 @@ def _rules(section_prefix: str, table: list[tuple[str, str, str]]) -> Mapping[st
 
 _C, _X, _E = "27.2.1.1", "27.2.1.2", "27.2.1.3"
 _HC, _HS, _HA = "27.2.2", "27.2.3", "27.2.4"
-_GC, _GS, _GD, _GR, _GN, _GP = "27.3.1.1", "27.3.1.2", "27.3.1.3", "27.3.1.4", "27.3.1.5", "27.3.1.6"
+_GC, _GS, _GD = "27.3.1.1", "27.3.1.2", "27.3.1.3"
+_GR, _GN, _GP = "27.3.1.4", "27.3.1.5", "27.3.1.6"
 
 #: Every VM-entry check :func:`check_vmcs` applies: rule id -> :class:`Rule`.
 VMCS_RULES: Mapping[str, Rule] = _rules("SDM", [
@@ -789,7 +796,7 @@ VMCS_RULES: Mapping[str, Rule] = _rules("SDM", [
     ("exec.msr_bitmap", _C, "MSR-bitmap address 4-KByte aligned and within the address width"),
     ("exec.tpr_shadow", _C, "virtual-APIC address and TPR threshold rules with 'use TPR shadow'"),
     ("exec.no_tpr_shadow", _C, "x2APIC/APIC-register/virtual-interrupt controls need TPR shadow"),
-    ("exec.virtual_nmis", _C, "virtual NMIs need NMI exiting; NMI-window exiting needs virtual NMIs"),
+    ("exec.virtual_nmis", _C, "virtual NMIs need NMI exiting, NMI-window exiting virtual NMIs"),
     ("exec.apic_access", _C, "APIC-access address 4-KByte aligned and within the address width"),
     ("exec.x2apic", _C, "virtualize x2APIC mode excludes virtualize APIC accesses"),
     ("exec.vid", _C, "virtual-interrupt delivery needs external-interrupt exiting"),
@@ -861,7 +868,8 @@ class _Out:
         self.items: list[Violation] = []
 
     def add(self, rule_id: str, field_name: str, message: str, value: int | None = None) -> None:
-        self.items.append(Violation(rule_id, self.rules[rule_id].section, message, field_name, value))
+        section = self.rules[rule_id].section
+        self.items.append(Violation(rule_id, section, message, field_name, value))
 
 
 def _bits(mask: int) -> list[int]:
@@ -946,6 +954,10 @@ def _canonical(value: int, bits: int) -> bool:
     return top == 0 or top == (_U64 >> (bits - 1))
 
 
+_CAPS_MSR = {_PIN: 0x481, _PROC: 0x482, _PROC2: 0x48B, _PROC3: 0x492, _EXIT: 0x483,
+             _ENTRY: 0x484}  # fmt: skip
+
+
 def _group_masks(caps: VmxCapabilities | None, group: ControlGroup) -> tuple[int, int, str]:
     """(must be 1, may be 1, what says so) for a control group."""
     part: ControlMsr | None = None
@@ -955,9 +967,12 @@ def _group_masks(caps: VmxCapabilities | None, group: ControlGroup) -> tuple[int
     if part is not None:
         msr = part.true_msr if part.true_msr is not None else part.msr
         return part.must_be_1, part.may_be_1, MSR_NAMES[msr]
+    if caps is not None and _CAPS_MSR[group] not in caps.missing_msrs:
+        # the processor has no such controls (e.g. no secondary controls on Core 2)
+        return 0, 0, f"this processor (it has no {MSR_NAMES[_CAPS_MSR[group]]})"
     must = DEFAULT1.get(group, 0)
     named = sum(1 << b for b in CONTROL_NAMES[group])
-    return must, named | must, "the SDM (no capability MSRs given)"
+    return must, named | must, ""
 
 
 def _check_controls(out: _Out, image: VmcsImage, caps: VmxCapabilities | None,
@@ -974,7 +989,9 @@ def _check_controls(out: _Out, image: VmcsImage, caps: VmxCapabilities | None,
         out.add(rule_id, name, msg, value)
     for bit in _bits(must & ~value):
         what = f" ({names[bit]})" if bit in names else ""
-        out.add(rule_id, name, f"bit {bit}{what} of the {label} is 0 but {source} requires 1", value)
+        why = (f"{source} requires 1" if source
+               else "it is in the default-1 class (no capability MSRs given)")
+        out.add(rule_id, name, f"bit {bit}{what} of the {label} is 0 but {why}", value)
 
 
 def _check_address(out: _Out, image: VmcsImage, rule_id: str, name: str, align: int,
@@ -983,8 +1000,8 @@ def _check_address(out: _Out, image: VmcsImage, rule_id: str, name: str, align: 
     if value & (align - 1):
         out.add(rule_id, name, f"{what} {value:#x} is not {align}-byte aligned", value)
     if (value + size - 1) >> width:
-        out.add(rule_id, name, f"{what} {value:#x} is beyond the {width}-bit physical-address width",
-                value)
+        out.add(rule_id, name,
+                f"{what} {value:#x} is beyond the {width}-bit physical-address width", value)
 
 
 def check_vmcs(
@@ -1035,7 +1052,8 @@ def check_vmcs(
     count = get("CR3_TARGET_COUNT")
     if count > max_targets:
         out.add("exec.cr3_target_count", "CR3_TARGET_COUNT",
-                f"CR3-target count {count} is above the {max_targets} the processor supports", count)
+                f"CR3-target count {count} is above the {max_targets} the processor supports",
+                count)
     if proc & PROC_IO_BITMAPS:
         for n in ("IO_BITMAP_A", "IO_BITMAP_B"):
             _check_address(out, image, "exec.io_bitmap", n, 4096, vmx_phys,
@@ -1162,9 +1180,9 @@ def _check_eptp(out: _Out, eptp: int, caps: VmxCapabilities | None, phys: int) -
     allowed_types = {0, 6} if ept is None else (
         ({0} if ept.memtype_uc else set()) | ({6} if ept.memtype_wb else set()))
     if memtype not in allowed_types:
+        allowed = ", ".join({0: "UC (0)", 6: "WB (6)"}[t] for t in sorted(allowed_types))
         out.add("exec.eptp", name,
-                f"EPTP memory type {memtype} is not supported (allowed: "
-                f"{', '.join({0: 'UC (0)', 6: 'WB (6)'}[t] for t in sorted(allowed_types)) or 'none'})",
+                f"EPTP memory type {memtype} is not supported (allowed: {allowed or 'none'})",
                 eptp)
     walk = ((eptp >> 3) & 7) + 1
     lengths = {4, 5} if ept is None else (
@@ -1241,10 +1259,18 @@ def _cr_fixed(caps: VmxCapabilities | None, reg: str) -> tuple[int, int, str]:
 def _check_fixed(out: _Out, rule_id: str, field_name: str, value: int, must: int, may: int,
                  source: str, exempt: int = 0) -> None:  # fmt: skip
     reg = "CR0" if "CR0" in field_name else "CR4"
+    names = _CR0_BITS if reg == "CR0" else _CR4_BITS
+    guest = field_name.startswith("GUEST_")
+
+    def bit_name(bit: int) -> str:
+        return f"{reg}.{names[bit]} (bit {bit})" if bit in names else f"{reg} bit {bit}"
+
     for bit in _bits(must & ~value & ~exempt):
-        out.add(rule_id, field_name, f"{reg} bit {bit} is 0 but {source} requires 1", value)
+        hint = (" (only 'unrestricted guest' lets it be 0)"
+                if guest and reg == "CR0" and (1 << bit) & (CR0_PE | CR0_PG) else "")
+        out.add(rule_id, field_name, f"{bit_name(bit)} is 0 but {source} requires 1{hint}", value)
     for bit in _bits(value & ~may):
-        out.add(rule_id, field_name, f"{reg} bit {bit} is 1 but {source} requires 0", value)
+        out.add(rule_id, field_name, f"{bit_name(bit)} is 1 but {source} requires 0", value)
 
 
 def _check_pat(out: _Out, rule_id: str, field_name: str, pat: int) -> None:
@@ -1329,7 +1355,7 @@ class _Ar:
     s = property(lambda self: self.raw >> 4 & 1)
     dpl = property(lambda self: self.raw >> 5 & 3)
     p = property(lambda self: self.raw >> 7 & 1)
-    l = property(lambda self: self.raw >> 13 & 1)  # noqa: E741 - the flag is called L
+    l = property(lambda self: self.raw >> 13 & 1)
     db = property(lambda self: self.raw >> 14 & 1)
     g = property(lambda self: self.raw >> 15 & 1)
     unusable = property(lambda self: self.raw >> 16 & 1)
