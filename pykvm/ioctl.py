@@ -58,6 +58,7 @@ REQUESTS: dict[str, int] = {
     "KVM_REGISTER_COALESCED_MMIO": _iow(0x67, "struct kvm_coalesced_mmio_zone"),
     "KVM_UNREGISTER_COALESCED_MMIO": _iow(0x68, "struct kvm_coalesced_mmio_zone"),
     "KVM_IRQ_LINE_STATUS": _iowr(0x67, "struct kvm_irq_level"),
+    "KVM_SET_GSI_ROUTING": _iow(0x6A, "struct kvm_irq_routing"),
     "KVM_IRQFD": _iow(0x76, "struct kvm_irqfd"),
     "KVM_CREATE_PIT2": _iow(0x77, "struct kvm_pit_config"),
     "KVM_IOEVENTFD": _iow(0x79, "struct kvm_ioeventfd"),

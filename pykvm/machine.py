@@ -12,6 +12,7 @@ in KVM_RUN with the GIL released; the first to finish stops the others.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import sys
 import threading
@@ -22,7 +23,16 @@ from typing import BinaryIO, Callable
 from . import exits
 from .devices.bus import Bus
 from .outcome import GuestFailure, Outcome
-from .constants import HC_MAP_GPA_RANGE, MSR_EXIT_REASON_FILTER, MSR_FILTER_READ, MSR_FILTER_WRITE, Cap
+from .constants import (
+    IRQCHIP_IOAPIC,
+    IRQCHIP_PIC_MASTER,
+    IRQCHIP_PIC_SLAVE,
+    MSR_EXIT_REASON_FILTER,
+    MSR_FILTER_READ,
+    MSR_FILTER_WRITE,
+    Cap,
+)
+from .devices.debugcon import DebugConsole
 from .ioctl import KvmError, KvmUnsupportedError
 from .stats import read_stats_of
 from .report import CpuState, read_virtual, read_virtual_cstring
@@ -89,6 +99,13 @@ def describe_exit(exit: exits.Exit) -> str:
     return repr(exit)
 
 
+#: GSI routing as on a PC (and QEMU): GSIs 0-15 to the PICs (2 is the cascade) and GSIs 0-23 to the
+#: IOAPIC, where ISA IRQ0 (the PIT) arrives on pin 2, as the ACPI and MP tables' override says.
+PC_GSI_ROUTES = [
+    (gsi, IRQCHIP_PIC_MASTER if gsi < 8 else IRQCHIP_PIC_SLAVE, gsi % 8) for gsi in range(16) if gsi != 2
+] + [(gsi, IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi) for gsi in range(24) if gsi != 2]
+
+
 class ExitStats:
     """Exits counted and timed (the Python handling time, KVM_RUN return to the next entry) per
     exit kind and per bus range."""
@@ -148,6 +165,7 @@ class Machine:
             self.ram = self.vm.add_memory(0, mem_size)
             if irqchip:
                 self.vm.create_irqchip()
+                self.vm.set_gsi_routing(PC_GSI_ROUTES)
                 if pit is not False:
                     self.vm.create_pit2()
             self.supported_cpuid = self.kvm.get_supported_cpuid()
@@ -161,18 +179,14 @@ class Machine:
         self.vcpu = self.vcpus[0]
         self.irqchip = irqchip
         self.memory = self.vm.memory
-        self.console = console
-        self.console_limit = console_limit
-        self.console_output = bytearray()
-        self.console_dropped = 0
-        self._console_lock = threading.Lock()
+        self.debugcon = DebugConsole(console, port=layout.CONSOLE_PORT, limit=console_limit)
         self.syncs: list[int] = []
         self.on_sync: Callable[[int], None] | None = None
         self.trace = trace
         self.stats = ExitStats()
         self.kvm_stats: dict[str, int] = {}
         self.bus = Bus()
-        self.bus.add_port(layout.CONSOLE_PORT, self._console_port, name="console")
+        self.bus.add_port(layout.CONSOLE_PORT, self.debugcon.io, name="console")
         self.bus.add_port(layout.CALL_PORT, self._call_port, name="call port")
         self.bus.add_port(layout.EXCEPTION_PORT, self._exception_port, name="exception stubs")
         self.bus.add_port(layout.HYPERCALL_PORT, self._hypercall_port, name="hypercall port")
@@ -226,6 +240,62 @@ class Machine:
         load = mode.default_load if load is None else load
         self.load(image, load)
         self.setup(mode, load if entry is None else entry, la57=la57)
+
+    def load_kernel(self, data: bytes, *, path: str, cmdline: str = "", modules=(), mode: Mode | str | None = None,
+                    load: int | None = None, entry: int | None = None, la57: bool = False) -> str:
+        """Load an image of any format pykvm detects by content and set the boot vCPU up to enter it.
+
+        A multiboot kernel is loaded as QEMU's ``-kernel`` does (its modules are ``(path, bytes,
+        args)``), an ELF executable at its physical segment addresses (entered in long mode if it is
+        ELF64, else protected mode, unless ``mode`` says otherwise), a flat image at ``load``.
+        Returns the format: "multiboot", "elf" or "flat"."""
+        from .loaders import detect_image, load_elf, load_multiboot, setup_multiboot, system_ranges
+
+        kind = detect_image(data, name=path)
+        if kind != "multiboot" and (cmdline or modules):
+            raise ValueError(f"{path}: a command line and modules need a multiboot kernel; this is a {kind} image")
+        if kind == "multiboot":
+            if mode is not None or load is not None or entry is not None:
+                raise ValueError(f"{path}: a multiboot kernel names its own load address, entry and mode "
+                                 "(drop --mode, --load and --entry)")
+            info = load_multiboot(self.memory, data, path=path, cmdline=cmdline, modules=modules,
+                                  mem_size=self.ram.size)
+            setup_multiboot(self.vcpu, self.memory, info)
+        elif kind == "elf":
+            if load is not None:
+                raise ValueError(f"{path}: an ELF image is loaded at its own segment addresses (drop --load)")
+            mode = Mode(mode) if mode else None
+            image = load_elf(self.memory, data, name=path, reserved=system_ranges(mode))
+            mode = mode or (Mode.LONG if image.bits == 64 else Mode.PROTECTED)
+            self.setup(mode, image.entry if entry is None else entry, la57=la57)
+        else:
+            self.load_flat(data, mode or Mode.LONG, load=load, entry=entry, la57=la57)
+        return kind
+
+    def add_pc_devices(self, serial: BinaryIO | None = None, *, cmdline: str = "", tables: bool = True):
+        """The PC devices small kernels expect: a 16550 UART on COM1 (IRQ 4, output to ``serial``),
+        isa-debug-exit on port 0xf4, fw_cfg (RAM size, CPUs, command line; DMA into guest memory),
+        the CMOS/RTC with the memory size, and the i8042's reset line; with ``tables``, ACPI and MP
+        tables in the BIOS area that describe the CPUs and the IOAPIC. Returns the UART."""
+        from .devices.cmos import Cmos
+        from .devices.debug_exit import DebugExit
+        from .devices.fw_cfg import FwCfg
+        from .devices.i8042 import I8042
+        from .devices.uart import Uart16550
+        from .x86.acpi import build_acpi
+        from .x86.mptable import build_mptable
+
+        ncpus = len(self.vcpus)
+        uart = Uart16550(serial, irq=self.irq(4) if self.irqchip else None)
+        fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
+        if cmdline:
+            fw_cfg.set_cmdline(cmdline)
+        for device in (uart, DebugExit(), fw_cfg, Cmos(below_4g=self.ram.size, ncpus=ncpus), I8042()):
+            self.add_device(device)
+        if tables:
+            build_acpi(ncpus).write(self.memory)
+            build_mptable(ncpus).write(self.memory)
+        return uart
 
     # ---- handlers -------------------------------------------------------------------------------
     def add_device(self, device) -> None:
@@ -283,23 +353,15 @@ class Machine:
         self._exit_handlers[kind] = handler
 
     # ---- the host protocol --------------------------------------------------------------------
-    def _emit(self, data: bytes) -> None:
-        with self._console_lock:
-            self.console_output += data
-            excess = len(self.console_output) - self.console_limit
-            if excess > 0:  # keep the last console_limit bytes: a flooding guest stays bounded
-                del self.console_output[:excess]
-                self.console_dropped += excess
-            if self.console is not None:
-                self.console.write(data)
-                if b"\n" in data:
-                    self.console.flush()
+    @property
+    def console_output(self) -> bytes:
+        """The newest bytes the guest wrote to the console (at most ``console_limit``)."""
+        return self.debugcon.captured
 
-    def _console_port(self, exit, vcpu):
-        if isinstance(exit, exits.IoOut):
-            self._emit(exit.data)
-        else:
-            exit.reply(0xFF)  # nothing to read: an idle bus
+    @property
+    def console_dropped(self) -> int:
+        """Console bytes written but no longer kept in :attr:`console_output`."""
+        return self.debugcon.dropped
 
     def _read_string(self, vcpu, gva: int) -> str:
         return read_virtual_cstring(vcpu, self.memory, gva).decode("utf-8", "replace") if gva else ""
@@ -321,7 +383,7 @@ class Machine:
                 self.on_sync(value)
             return None
         if call == layout.CALL_PRINT:
-            self._emit(self._read_string(vcpu, regs.rsi).encode())
+            self.debugcon.emit(self._read_string(vcpu, regs.rsi).encode())
             return None
         raise UnexpectedExit(f"unknown call {call:#x} on the call port", CpuState.capture(vcpu, self.memory), exit)
 
@@ -474,8 +536,9 @@ class Machine:
         finally:
             if timer is not None:
                 timer.cancel()
-            if self.console is not None:
-                self.console.flush()
+            stream = self.debugcon.output.stream
+            if stream is not None:
+                stream.flush()
         for s in stats:
             self.stats.merge(s)
         self.kvm_stats = {k: v - before.get(k, 0) for k, v in self._kvm_counters().items() if v != before.get(k, 0)}
@@ -483,8 +546,7 @@ class Machine:
                                                        CpuState.capture(self.vcpu, self.memory))
         if isinstance(first, BaseException):
             raise first
-        exits_seen = sum(self.stats.count.values())
-        return Outcome(first.status, first.failure, exits_seen, time.monotonic() - start)
+        return dataclasses.replace(first, exits=self.exit_count, seconds=time.monotonic() - start)
 
     @property
     def exit_count(self) -> int:

@@ -8,6 +8,7 @@ from .constants import (
     IOEVENTFD_FLAG_DATAMATCH,
     IOEVENTFD_FLAG_DEASSIGN,
     IOEVENTFD_FLAG_PIO,
+    IRQ_ROUTING_IRQCHIP,
     IRQFD_FLAG_DEASSIGN,
     MEM_LOG_DIRTY_PAGES,
     MEM_READONLY,
@@ -121,6 +122,15 @@ class Vm(FdObject):
     def set_pit2(self, state) -> None:
         """Wraps ``KVM_SET_PIT2``."""
         self._ioctl("KVM_SET_PIT2", state)
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """Replace the GSI routing table with (gsi, irqchip, pin) entries (irqchip: IRQCHIP_PIC_MASTER,
+        IRQCHIP_PIC_SLAVE or IRQCHIP_IOAPIC). Wraps ``KVM_SET_GSI_ROUTING``."""
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for entry, (gsi, chip, pin) in zip(table.entries, routes):
+            entry.gsi, entry.type = gsi, IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        self._ioctl("KVM_SET_GSI_ROUTING", table)
 
     def irq_line(self, irq: int, level: int) -> None:
         """Raise (1) or lower (0) an interrupt line (GSI). Wraps ``KVM_IRQ_LINE``."""

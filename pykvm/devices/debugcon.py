@@ -47,6 +47,11 @@ class DebugConsole(Device):
         """How many older bytes were written but are no longer kept in :attr:`captured`."""
         return self.output.capture.dropped
 
+    def emit(self, data: bytes) -> None:
+        """Put ``data`` on the console as if the guest had written it (the call port's PRINT)."""
+        with self._lock:
+            self.output.emit(data)
+
     def io(self, exit, vcpu=None):
         # The hot path of every console: one exit per byte, or one per `rep outsb`.
         if isinstance(exit, exits.IoOut):
