@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import threading
 
 from . import exits
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
+from .loaders import detect_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
 from .machine import GuestError, GuestInterrupted, Machine, Outcome, describe_exit
 from .x86 import layout
@@ -20,6 +23,7 @@ RUN_EXAMPLES = """\
 examples:
   pykvm run                                   run the built-in hello guest (long mode)
   pykvm run guests/build/hello_real.bin --mode real
+  pykvm run kernel.elf --smp 4 --append "console=ttyS0" --module "initrd.img" --stats
   pykvm run kernel.bin --mode protected --mem 16M --timeout 5
   pykvm run guest.bin --mode long --load 0x200000 --entry 0x200010 --trace-exits
   pykvm run guest.bin --json | jq .status
@@ -96,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop a guest that runs longer")
     run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (each a thread; needs the irqchip)")
+    run.add_argument("--irqchip", action="store_true",
+                     help="KVM's in-kernel PIC/IOAPIC/LAPIC and PIT (always on for kernels and --smp > 1)")
+    run.add_argument("--append", default="", metavar="CMDLINE", help="a multiboot kernel's command line")
+    run.add_argument("--module", action="append", default=[], metavar="'FILE [ARGS]'",
+                     help="a multiboot boot module (repeatable)")
+    run.add_argument("--serial", default="stdio", metavar="stdio|none|file:PATH",
+                     help="where the COM1 UART goes (stdio: stdout, and your terminal's input feeds it)")
+    run.add_argument("--stats", action="store_true",
+                     help="exit counts and times per exit kind and device, and KVM's own counters")
     run.set_defaults(func=cmd_run)
 
     probe = sub.add_parser(
@@ -137,9 +151,9 @@ def _error(message: str) -> None:
     print(f"pykvm: error: {message}", file=sys.stderr)
 
 
-def _run_document(args, image: str, mode: Mode, outcome: Outcome | None, machine: Machine | None,
+def _run_document(args, image: str, mode: Mode | None, outcome: Outcome | None, machine: Machine | None,
                   error: GuestError | None) -> dict:
-    doc: dict = {"image": image, "mode": mode.value, "mem": args.mem}
+    doc: dict = {"image": image, "mode": mode.value if mode else None, "mem": args.mem}
     if machine is not None:
         doc["console"] = machine.console_output.decode("utf-8", "replace")
         doc["exits"] = machine.exit_count
@@ -165,33 +179,116 @@ def _trace(exit: exits.Exit, counter=[0]) -> None:  # noqa: B006 - a per-process
     print(f"exit {counter[0]}: {describe_exit(exit)}", file=sys.stderr)
 
 
+def _serial_stream(spec: str):
+    """(stream, close) for --serial: stdio, none, or file:PATH."""
+    if spec == "stdio":
+        return sys.stdout.buffer, None
+    if spec == "none":
+        return None, None
+    if spec.startswith("file:") and len(spec) > 5:
+        f = open(spec[5:], "wb")  # noqa: SIM115 - closed by the caller
+        return f, f.close
+    raise ValueError(f"--serial takes stdio, none or file:PATH, not {spec!r}")
+
+
+def _feed_stdin(uart) -> None:
+    """Copy the user's terminal (stdin) into the UART's receiver, waiting for room (a daemon thread)."""
+    def pump():
+        while True:
+            try:
+                data = os.read(sys.stdin.fileno(), 256)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            while data:
+                room = uart.wait_for_space(None)
+                data = data[uart.feed(data[:room]):]
+
+    threading.Thread(target=pump, name="uart-stdin", daemon=True).start()
+
+
+def _read_modules(specs: list[str]) -> list[tuple[str, bytes, str]]:
+    """--module 'FILE [ARGS]' -> (path, bytes, args)."""
+    modules = []
+    for spec in specs:
+        path, _, margs = spec.partition(" ")
+        modules.append((path, read_image(path, 1 << 32), margs))
+    return modules
+
+
+def _stats_document(machine: Machine) -> dict:
+    return {
+        "exits": [{"exit": key, "count": n, "seconds": t} for key, n, t in machine.stats.rows()],
+        "kvm": machine.kvm_stats,
+    }
+
+
+def _print_stats(machine: Machine) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Exits handled in Python", title_justify="left")
+    for col, justify in (("exit / device", "left"), ("count", "right"), ("total ms", "right"), ("us each", "right")):
+        table.add_column(col, justify=justify)
+    for key, n, seconds in machine.stats.rows():
+        table.add_row(key, str(n), f"{seconds * 1e3:.3f}", f"{seconds * 1e6 / n:.1f}")
+    kvm = Table(title="KVM's counters during the run (handled in the kernel unless also above)", title_justify="left")
+    kvm.add_column("statistic")
+    kvm.add_column("delta", justify="right")
+    for name, delta in sorted(machine.kvm_stats.items()):
+        kvm.add_row(name, str(delta))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(kvm)
+
+
 def cmd_run(args) -> int:
-    if args.image is None:
-        path = str(guest_image(DEFAULT_GUEST))
-        mode = Mode(args.mode or Mode.LONG)
-    else:
-        path = args.image
-        mode = Mode(args.mode or (Mode.REAL if path.endswith("_real.bin") else Mode.LONG))
-    load = mode.default_load if args.load is None else args.load
-    if load >= args.mem:
-        raise ImageError(f"load address {load:#x} is outside guest memory (0-{args.mem:#x})")
-    image = read_image(path, args.mem - load)
-    entry = load if args.entry is None else args.entry
-    outcome = error = None
+    path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
+    mode = args.mode or ("real" if path.endswith("_real.bin") else None)
+    if args.load is not None and args.load >= args.mem:
+        raise ImageError(f"load address {args.load:#x} is outside guest memory (0-{args.mem:#x})")
+    default_load = Mode(mode).default_load if mode else layout.PROTECTED_LOAD
+    image = read_image(path, args.mem - (default_load if args.load is None else args.load))
+    modules = _read_modules(args.module)
+    if args.smp < 1:
+        raise ValueError(f"--smp must be at least 1, not {args.smp}")
+    kind = detect_image(image, name=path)
+    irqchip = args.irqchip or args.smp > 1 or kind != "flat"
+    serial, close_serial = _serial_stream(args.serial)
+    if args.json and serial is sys.stdout.buffer:
+        serial = None  # stdout carries the JSON document
     console = None if args.json else sys.stdout.buffer
-    with Machine(args.mem, console=console, trace=_trace if args.trace_exits else None) as machine:
-        machine.load(image, load)
-        machine.setup(mode, entry, la57=args.la57)
-        try:
-            outcome = machine.run(timeout=args.timeout)
-        except GuestError as e:
-            error = e
-        if args.json:
-            print(json.dumps(_run_document(args, path, mode, outcome, machine, error), indent=2))
-        elif error is not None:
-            _error(error.report())
-        elif outcome.failure is not None:
-            _error(str(outcome.failure))
+    outcome = error = None
+    try:
+        with Machine(args.mem, cpus=args.smp, irqchip=irqchip, console=console,
+                     trace=_trace if args.trace_exits else None) as machine:
+            uart = machine.add_pc_devices(serial, cmdline=args.append, tables=kind != "flat")
+            machine.load_kernel(image, path=path, cmdline=args.append, modules=modules, mode=mode,
+                                load=args.load, entry=args.entry, la57=args.la57)
+            if args.serial == "stdio" and not args.json:
+                _feed_stdin(uart)
+            try:
+                outcome = machine.run(timeout=args.timeout)
+            except GuestError as e:
+                error = e
+            if args.json:
+                doc = _run_document(args, path, Mode(mode) if mode else None, outcome, machine, error)
+                doc["format"] = kind
+                doc["serial"] = uart.captured.decode("utf-8", "replace")
+                if args.stats:
+                    doc["stats"] = _stats_document(machine)
+                print(json.dumps(doc, indent=2))
+            else:
+                if error is not None:
+                    _error(error.report())
+                elif outcome.failure is not None:
+                    _error(str(outcome.failure))
+                if args.stats:
+                    _print_stats(machine)
+    finally:
+        if close_serial is not None:
+            close_serial()
     if error is not None:
         return EXIT_INTERRUPTED if isinstance(error, GuestInterrupted) else EXIT_FAILURE
     return outcome.status if 0 <= outcome.status <= 255 else EXIT_FAILURE

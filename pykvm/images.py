@@ -22,7 +22,7 @@ class ImageError(ValueError):
 
 
 def read_image(path: str | os.PathLike, limit: int) -> bytes:
-    """The bytes of a flat image, at most ``limit`` long; raises ImageError with a one-line reason."""
+    """The bytes of an image file, at most ``limit`` long; raises ImageError with a one-line reason."""
     p = Path(path)
     try:
         if p.is_dir():
@@ -40,8 +40,6 @@ def read_image(path: str | os.PathLike, limit: int) -> bytes:
     if len(data) > limit:
         size = p.stat().st_size
         raise ImageError(f"{p}: the image ({size} bytes) is larger than the {limit} bytes of guest memory it must fit in")
-    if data[:4] == b"\x7fELF":
-        raise ImageError(f"{p}: is an ELF file; pykvm run takes a flat binary (objcopy -O binary {p.name} out.bin)")
     return data
 
 

@@ -10,6 +10,7 @@
  * Any failed check sets a bit (FAIL_*) and prints a line starting "FAIL".
  */
 #include "pykvm.h"
+#include "print.h"
 
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2BADB002u
 #define EXIT_PORT 0xF4
@@ -26,9 +27,6 @@
 #define FAIL_BSS 0x08u
 #define FAIL_ALIGN 0x10u
 #define FAIL_OVERLAP 0x20u
-
-typedef unsigned int u32;
-typedef unsigned long long u64;
 
 struct multiboot_info {
 	u32 flags;
@@ -61,57 +59,15 @@ extern char __kernel_start[], __kernel_end[];
 static volatile u32 bss_probe[256]; /* must read as zero: the loader zeroes the bss */
 static u32 status;
 
-/* ---- output: everything goes through putc ---------------------------------------------------- */
-static void putc(char c)
+/* ---- output: everything goes through putc (print.c formats on top of it) --------------------- */
+void putc(char c)
 {
 	pykvm_outb(PYKVM_CONSOLE_PORT, (unsigned char)c);
-}
-
-static void puts(const char *s)
-{
-	while (*s)
-		putc(*s++);
-}
-
-static void put_hex(u64 value, int digits)
-{
-	static const char hex[] = "0123456789abcdef";
-	puts("0x");
-	for (int i = digits - 1; i >= 0; i--)
-		putc(hex[(value >> (4 * i)) & 0xF]);
-}
-
-/* At least `min` hex digits, more if the value needs them. */
-static void put_hex_min(u64 value, int min)
-{
-	int digits = min;
-	while (digits < 16 && (value >> (4 * digits)))
-		digits++;
-	put_hex(value, digits);
 }
 
 static void put_hex32(u32 value)
 {
 	put_hex_min(value, 1);
-}
-
-static void put_dec(u32 value)
-{
-	char buf[10];
-	int n = 0;
-	do {
-		buf[n++] = (char)('0' + value % 10);
-		value /= 10;
-	} while (value);
-	while (n)
-		putc(buf[--n]);
-}
-
-/* A string from the boot loader: at most `limit` bytes, unprintable bytes shown as '.'. */
-static void put_text(const char *s, u32 limit)
-{
-	for (u32 i = 0; i < limit && s[i]; i++)
-		putc(s[i] >= 0x20 && s[i] < 0x7F ? s[i] : '.');
 }
 
 static u32 str_size(const char *s)
