@@ -14,6 +14,8 @@ from .ioctl import ioctl_run
 from .system import CpuidEntry, cpuid_list, msrs_struct
 from .vm import enable_cap_struct
 
+COALESCED_MMIO_PAGE_OFFSET = 2  # <asm/kvm.h> KVM_COALESCED_MMIO_PAGE_OFFSET: pages into the vCPU mmap
+
 #: The signal :meth:`Vcpu.kick` sends to a thread blocked in KVM_RUN (a no-op handler is installed).
 KICK_SIGNAL = signal.SIGRTMIN + 5
 
@@ -43,6 +45,12 @@ class Vcpu(FdObject):
             raise
         self._page = memoryview(self._run_map)
         self.kvm_run = ffi.from_buffer("struct kvm_run *", self._run_map)
+        ring_at = COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        #: The coalesced MMIO/PIO ring KVM shares with every vCPU of the VM (None where KVM has none).
+        self.coalesced_ring = (
+            ffi.from_buffer("struct kvm_coalesced_mmio_ring *", self._page[ring_at : ring_at + mmap.PAGESIZE])
+            if len(self._page) >= ring_at + mmap.PAGESIZE else None
+        )
         self._thread: int | None = None
         _install_kick_handler()
 
@@ -246,6 +254,8 @@ class Vcpu(FdObject):
         run_map = getattr(self, "_run_map", None)
         if run_map is not None and not run_map.closed:
             ffi.release(self.kvm_run)
+            if self.coalesced_ring is not None:
+                ffi.release(self.coalesced_ring)
             self._page.release()
             try:
                 run_map.close()

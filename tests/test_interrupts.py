@@ -103,6 +103,21 @@ def test_ioeventfd_and_irqfd_without_python_in_the_path(guest):
     assert set(m.stats.count) == {"call port 0xea"}  # not one exit for the writes or the interrupt
 
 
+def test_coalesced_mmio_and_pio_reach_their_handlers_in_order(guest):
+    mmio, pio = [], []
+    with Machine() as m:
+        m.on_mmio(layout.MMIO_WINDOW, 4, lambda exit, vcpu: mmio.append(exit.value), name="register")
+        m.on_port(layout.TEST_PORT, lambda exit, vcpu: pio.append(exit.value), name="port")
+        m.coalesce_mmio(layout.MMIO_WINDOW, 4)
+        m.coalesce_pio(layout.TEST_PORT, 2)
+        m.load_flat(guest("coalesced"), "long")
+        outcome = m.run(timeout=10)
+    assert mmio == pio == list(range(1, 201))
+    coalesced = m.stats.count["register 0xd0000000-0xd0000003 (coalesced)"] + m.stats.count["port 0x600 (coalesced)"]
+    assert coalesced > 300  # most of the 400 writes never left the kernel on their own
+    assert outcome.exits == 400 - coalesced + 1  # the rest (ring full) exited, then DONE
+
+
 def test_a_raising_handler_stops_the_vm_and_names_the_exit(guest):
     def broken(exit, vcpu):
         raise RuntimeError("device on fire")
