@@ -12,23 +12,23 @@ from pathlib import Path
 import capstone
 import pytest
 
+from dumps import (
+    FIXTURES,
+    needs_fixtures,
+    CONROE,
+    HASWELL_EP,
+    SAPPHIRE_RAPIDS,
+    WINDSOR,
+)
+
 from pykvm.probe.compare import INSTRUCTIONS, Comparison, Instruction, compare, detect_iommu
 from pykvm.probe.cpuid import summarize
 from pykvm.probe.dump import read_dump
 from pykvm.probe.svm import decode_svm
 from pykvm.probe.vmx import decode_vmx
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cpuid"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(),
-    reason=f"CPUID/MSR dump fixtures not found at {FIXTURES} (shared/ beside the repository)",
-)
 EPYC_GUEST = Path(__file__).resolve().parent / "data" / "cpuid_r_epyc.txt"
 
-CONROE = "GenuineIntel00006F6_Conroe_CPUID.txt"
-HASWELL_EP = "GenuineIntel00306F2_HaswellEP_00_CPUID.txt"
-SAPPHIRE_RAPIDS = "GenuineIntel00806F8_SapphireRapids_05_CPUID.txt"
-WINDSOR = "AuthenticAMD0040F33_K8_Windsor_CPUID.txt"
 ZEN = "AuthenticAMD0800F11_K17_Zen3_CPUID.txt"  # a Ryzen 5 1500X: Zen 1, family 17h
 ALL_DUMPS = sorted(p.name for p in FIXTURES.glob("*_CPUID.txt")) if FIXTURES.is_dir() else []
 

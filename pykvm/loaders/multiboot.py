@@ -58,7 +58,7 @@ The machine state (:func:`setup_multiboot`)
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
 from ..images import ImageError
