@@ -1,7 +1,7 @@
 """The x86 set-up, offline: descriptors, stubs, and the identity page tables of every paged mode.
 
 32-bit and PAE paging cannot run on kvm_pvm, so their tables are proved here by walking them the
-way the CPU does (SDM Vol. 3A 4.3 and 4.4)."""
+way the CPU does (SDM Vol. 3A 4.3 and 4.4), with pykvm.model.paging's walker."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pykvm._ffi import ffi
+from pykvm.model.paging import LONG4, LONG5, PAE, X86_32, SparseMemory, context_from_sregs, walk
 from pykvm.x86 import layout, paging, tables
 from pykvm.x86.modes import CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, Mode, cpu_mode, \
     setup_sregs, system_tables
@@ -80,46 +81,21 @@ def test_idt_gates_point_at_the_stubs():
     assert (sel, attr, low | high << 16) == (layout.SEL_CODE32, 0x8E, layout.EXCEPTION_STUBS + 6 * tables.STUB_SIZE)
 
 
-# ---- page tables: walk them as the CPU does ---------------------------------------------------------
-
-
-def walk(memory: dict[int, bytes], mode: Mode, gva: int, la57: bool = False) -> tuple[int, bool, bool]:
-    """(gpa, writable, user) for ``gva`` through the tables in ``memory`` ({table gpa: bytes})."""
-
-    def entry(table: int, index: int, size: int) -> int:
-        fmt = "<I" if size == 4 else "<Q"
-        return struct.unpack_from(fmt, memory[table], index * size)[0]
-
-    def check(e: int) -> int:
-        assert e & paging.P, f"not present for {gva:#x}"
-        return e
-
-    if mode is Mode.PAGED:
-        pde = check(entry(layout.PD, gva >> 22, 4))
-        assert pde & paging.PS
-        return (pde & 0xFFC00000) | (gva & 0x3FFFFF), bool(pde & paging.RW), bool(pde & paging.US)
-    if mode is Mode.PAE:
-        pdpte = check(entry(layout.PDPT, gva >> 30, 8))
-        assert pdpte & ~0xFFFFFFFFFF000 & ~0x19 == 0, "a PAE PDPTE may set only P, PWT, PCD"
-        table, rights = pdpte & 0xFFFFFFFFFF000, [True, True]
-    else:
-        root = layout.PML5 if la57 else layout.PML4
-        levels = [48, 39] if la57 else [39]
-        table, rights = root, [True, True]
-        for shift in levels + [30]:
-            e = check(entry(table, (gva >> shift) & 0x1FF, 8))
-            rights = [rights[0] and bool(e & paging.RW), rights[1] and bool(e & paging.US)]
-            table = e & 0xFFFFFFFFFF000
-    pde = check(entry(table, (gva >> 21) & 0x1FF, 8))
-    assert pde & paging.PS
-    return (pde & 0xFFFFFFFE00000) | (gva & 0x1FFFFF), rights[0] and bool(pde & paging.RW), rights[1] and bool(pde & paging.US)
+# ---- page tables: walk them as the CPU does (pykvm.model.paging) ------------------------------------
 
 
 @pytest.mark.parametrize("mode, la57", [(Mode.PAGED, False), (Mode.PAE, False), (Mode.LONG, False), (Mode.LONG, True)])
 @given(gva=st.integers(0, layout.IDENTITY_MAP_SIZE - 1))
 def test_paged_modes_identity_map_4gib_writable_from_any_ring(mode, la57, gva):
-    memory = system_tables(mode, la57)
-    assert walk(memory, mode, gva, la57) == (gva, True, True)
+    sregs = ffi.new("struct kvm_sregs *")
+    setup_sregs(sregs, mode, la57)
+    context = context_from_sregs(sregs)  # the mode as the CPU reads it from CR0/CR3/CR4/EFER
+    memory = SparseMemory(system_tables(mode, la57))
+    assert context.fmt is {Mode.PAGED: X86_32, Mode.PAE: PAE, Mode.LONG: LONG5 if la57 else LONG4}[mode]
+    w = walk(memory, gva, context, write=True, user=True)
+    assert w.ok, w.fault
+    assert (w.address, w.permissions.write, w.permissions.user) == (gva, True, True)
+    assert w.page_size == (paging.LARGE_4M if mode is Mode.PAGED else paging.LARGE_2M)
 
 
 def test_tables_do_not_overlap_each_other():

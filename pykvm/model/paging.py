@@ -24,12 +24,14 @@ What this models, and where each rule comes from:
 * The two-dimensional walk: every guest paging-structure entry lives at a guest-physical address
   that the nested tables translate first, and so does the final guest-physical address. Without
   caches a walk of n guest levels under m nested levels makes (n+1)(m+1)-1 memory references
-  (:func:`walk_reference_count`): 24 for 4 under 4 (Bhargava, Serebrin, Spadini, Manne,
-  "Accelerating two-dimensional page walks for virtualized systems", ASPLOS 2008, which gives
-  "from 4 to 24"), 35 for 5 under 5 (the same formula, as Intel's 5-level paging white paper
-  states; not checked here against that paper's text). :class:`WalkCaches` models the caches of
-  that paper: a page-walk cache for guest-dimension entries, a nested TLB (gPA -> hPA) and a
-  nested page-walk cache.
+  (:func:`walk_reference_count`). 24 for 4 under 4 is the figure of Bhargava, Serebrin, Spadini
+  and Manne, "Accelerating two-dimensional page walks for virtualized systems", ASPLOS 2008 (the
+  nested dimension "increases the maximum number of architecturally-required page table
+  references"; later work, e.g. Stojkovic et al., ASPLOS 2022, quotes "up to twenty-four
+  sequential memory accesses"). 35 for 5 under 5 is the same formula, the number Intel's 5-level
+  paging white paper is cited for; that paper's text was not available to check. :class:`WalkCaches`
+  models the structures of Bhargava et al.: a page-walk cache for guest-dimension entries, a
+  nested TLB (gPA -> hPA) and a nested page-walk cache.
 
 What it does not model: MTRRs (the 1-D memory type is the PAT type, as if the MTRRs said WB),
 protection keys, shadow stacks, CET, HLAT, sub-page permissions, #VE, the advanced VM-exit
@@ -44,10 +46,10 @@ Layering: this module depends on nothing else in pykvm. Anything with ``read_u32
 
 from __future__ import annotations
 
-import enum
 import struct
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Iterator, Protocol, Union, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, Union, runtime_checkable
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE_SIZE = 4 * KiB
@@ -286,7 +288,7 @@ class X86Entry:
         return v
 
     @classmethod
-    def decode(cls, value: int, fmt: Format = LONG4, level: int = 1, *, pse: bool = True) -> "X86Entry":
+    def decode(cls, value: int, fmt: Format = LONG4, level: int = 1, *, pse: bool = True) -> X86Entry:
         large = level > 1 and bool(value & PS) and level in fmt.leaf_levels and not (fmt is PAE and level == 3)
         if fmt is X86_32 and large and not pse:
             large = False
@@ -358,7 +360,7 @@ class EptEntry:
         return v
 
     @classmethod
-    def decode(cls, value: int, level: int = 1) -> "EptEntry":
+    def decode(cls, value: int, level: int = 1) -> EptEntry:
         large = level in (2, 3) and bool(value & EPT_LARGE)
         leaf = level == 1 or large
         address = value & _bits(51, 12)
@@ -389,12 +391,16 @@ class Eptp:
     ad: bool = False
 
     def encode(self, maxphyaddr: int = 52) -> int:
+        if self.root % PAGE_SIZE or self.root < 0:
+            raise ValueError(f"EPTP root {self.root:#x} is not 4 KiB aligned")
+        if self.levels not in (4, 5):
+            raise ValueError(f"EPT walks are 4 or 5 levels long, not {self.levels}")
         value = self.root | self.memory_type | (self.levels - 1) << EPTP_WALK_SHIFT | (EPTP_AD if self.ad else 0)
         Eptp.decode(value, maxphyaddr)  # the same checks, one place
         return value
 
     @classmethod
-    def decode(cls, value: int, maxphyaddr: int = 52) -> "Eptp":
+    def decode(cls, value: int, maxphyaddr: int = 52) -> Eptp:
         """Raise ValueError naming the field VM entry would reject (SDM Vol. 3C 27.2.1.1)."""
         memory_type = value & EPTP_MT_MASK
         if memory_type not in (UC, WB):
@@ -602,9 +608,8 @@ class TableBuilder:
         self.maxphyaddr, self.nxe, self.mbec, self.execute_only = maxphyaddr, nxe, mbec, execute_only
         self.extents: list[Extent] = []
         self.root = allocator.alloc()
-        if fmt.entry_size == 4 or fmt is PAE:
-            if self.root >= 1 << 32:
-                raise ValueError(f"a {fmt} root must be below 4 GiB (CR3 is 32 bits), not {self.root:#x}")
+        if (fmt.entry_size == 4 or fmt is PAE) and self.root >= 1 << 32:
+            raise ValueError(f"a {fmt} root must be below 4 GiB (CR3 is 32 bits), not {self.root:#x}")
 
     # ---- what points at the tables ----------------------------------------------------------------
     @property
@@ -622,7 +627,7 @@ class TableBuilder:
             raise ValueError(f"{self.fmt} tables are not EPT tables")
         return Eptp(self.root, self.fmt.levels, memory_type, ad).encode(self.maxphyaddr)
 
-    def context(self, **options) -> "PagingContext":
+    def context(self, **options) -> PagingContext:
         """A :class:`PagingContext` for walking these (guest) tables: CR3 = root."""
         return PagingContext(self.fmt, self.cr3, maxphyaddr=self.maxphyaddr, nxe=self.nxe, **options)
 
@@ -664,14 +669,17 @@ class TableBuilder:
             if e.va < other.va + other.size and other.va < e.va + e.size:
                 raise ValueError(f"{e} overlaps {other} (va ranges)")
 
-    def map(self, extent: Extent) -> "TableBuilder":
+    def map(self, extent: Extent) -> TableBuilder:
         """Map one extent (see the class docstring). Returns self, to chain."""
         self._check(extent)
         va, pa, left = extent.va, extent.pa, extent.size
         while left:
             for size in self.page_sizes:
-                if va % size == 0 and pa % size == 0 and left >= size and (self.fmt is not X86_32 or size == SIZE_4K or True):
+                if va % size == 0 and pa % size == 0 and left >= size:
                     break
+            else:
+                raise ValueError(f"{extent}: no allowed page size ({', '.join(hex(s) for s in self.page_sizes)}) "
+                                 f"fits va {va:#x} / pa {pa:#x} with {left:#x} bytes left")
             level = next(lv for lv in self.fmt.leaf_levels if self.fmt.page_size(lv) == size)
             if self.fmt is X86_32 and level == 1 and pa >= 1 << 32:
                 raise ValueError(f"{extent}: 4 KiB pages above 4 GiB cannot be mapped by 32-bit paging (pa {pa:#x})")
@@ -680,10 +688,10 @@ class TableBuilder:
         self.extents.append(extent)
         return self
 
-    def map_range(self, va: int, pa: int, size: int, **permissions) -> "TableBuilder":
+    def map_range(self, va: int, pa: int, size: int, **permissions) -> TableBuilder:
         return self.map(Extent(va, pa, size, **permissions))
 
-    def map_all(self, extents: Iterable[Extent]) -> "TableBuilder":
+    def map_all(self, extents: Iterable[Extent]) -> TableBuilder:
         for e in extents:
             self.map(e)
         return self
@@ -950,7 +958,8 @@ def walk_reference_count(guest_levels: int, nested_levels: int | None = None) ->
     tables of ``nested_levels``, (n+1)(m+1)-1: each of the n guest entries costs a nested walk of
     its table's gPA (m references) plus its own read, and the final gPA costs one more nested walk.
 
-    24 for 4 under 4 (Bhargava et al., ASPLOS 2008: "from 4 to 24"), 35 for 5 under 5. A PAE
+    24 for 4 under 4 (Bhargava et al., ASPLOS 2008), 35 for 5 under 5 (the same count; the figure
+    cited from Intel's 5-level paging white paper). The count is symmetric in n and m. A PAE
     guest walks 2 levels from memory (its PDPTEs are registers); guest_levels = 0 is an unpaged
     guest, whose only cost is the nested walk of each access."""
     for name, value in (("guest_levels", guest_levels), ("nested_levels", nested_levels)):
@@ -974,6 +983,7 @@ class _NestedCached:
     size: int
     perms: Permissions
     memory_type: int | None
+    ignore_pat: bool
     pat_index: int | None
     dirty: bool
 
@@ -1127,8 +1137,9 @@ class _NestedLeaf:
     hpa: int
     size: int
     perms: Permissions
-    memory_type: int | None
-    pat_index: int | None
+    memory_type: int | None  # EPT leaf memory type (None for NPT)
+    ignore_pat: bool
+    pat_index: int | None  # NPT leaf PAT index (None for EPT)
 
 
 def _x86_walk(fmt: Format, root: int, va: int, read_entry, *, write: bool, user: bool, fetch: bool, wp: bool,
@@ -1265,7 +1276,7 @@ def _ept_translate(memory, gpa, ept: Ept, *, write, fetch, user_address, step, f
     key = (pointer.root, gpa >> 12)
     hit = _ntlb_lookup(caches, ("ept",) + key, write, fetch, allowed)
     if hit is not None:
-        return _NestedLeaf(hit.page | (gpa & 0xFFF), hit.size, hit.perms, hit.memory_type, None)
+        return _NestedLeaf(hit.page | (gpa & 0xFFF), hit.size, hit.perms, hit.memory_type, hit.ignore_pat, None)
 
     def violation(r, w, x, xu, level, reason):
         qual = access | (EQ_READABLE if r else 0) | (EQ_WRITABLE if w else 0) | (EQ_EXECUTABLE if x else 0)
@@ -1322,11 +1333,11 @@ def _ept_translate(memory, gpa, ept: Ept, *, write, fetch, user_address, step, f
             if new != value:
                 memory.write_u64(address, new)
                 updates.append((address, value, new))
-    memory_type = (v >> EPT_MT_SHIFT) & 7
+    memory_type, ignore_pat = (v >> EPT_MT_SHIFT) & 7, bool(v & EPT_IPAT)
     if caches is not None and caches.ntlb is not None:
-        caches.ntlb[("ept",) + key] = _NestedCached(hpa & ~0xFFF, size, perms, memory_type | (EPT_IPAT if v & EPT_IPAT else 0),
-                                                    None, bool(v & EPT_D) or not pointer.ad or (set_ad and write))
-    return _NestedLeaf(hpa, size, perms, memory_type | (EPT_IPAT if v & EPT_IPAT else 0), None)
+        caches.ntlb[("ept",) + key] = _NestedCached(hpa & ~0xFFF, size, perms, memory_type, ignore_pat, None,
+                                                    bool(v & EPT_D) or not pointer.ad or (set_ad and write))
+    return _NestedLeaf(hpa, size, perms, memory_type, ignore_pat, None)
 
 
 def _npt_translate(memory, gpa, npt: Npt, *, write, fetch, step, final, refs, updates, caches, set_ad):
@@ -1338,7 +1349,7 @@ def _npt_translate(memory, gpa, npt: Npt, *, write, fetch, step, final, refs, up
     key = ("npt", npt.root, gpa >> 12)
     hit = _ntlb_lookup(caches, key, write, fetch, allowed)
     if hit is not None:
-        return _NestedLeaf(hit.page | (gpa & 0xFFF), hit.size, hit.perms, None, hit.pat_index)
+        return _NestedLeaf(hit.page | (gpa & 0xFFF), hit.size, hit.perms, None, False, hit.pat_index)
     tag = NPF_FINAL if final else NPF_GUEST_PAGE
     if gpa >> fmt.address_bits:
         return NestedPageFault(exitinfo1=PF_U | (PF_W if write else 0) | tag, exitinfo2=gpa, level=None,
@@ -1359,9 +1370,9 @@ def _npt_translate(memory, gpa, npt: Npt, *, write, fetch, step, final, refs, up
     if set_ad:
         _set_x86_ad(memory, fmt, result, write, updates)
     if caches is not None and caches.ntlb is not None:
-        caches.ntlb[key] = _NestedCached(result.pa & ~0xFFF, result.size, result.perms, None, result.pat_index,
+        caches.ntlb[key] = _NestedCached(result.pa & ~0xFFF, result.size, result.perms, None, False, result.pat_index,
                                          bool(result.used[-1][1] & D) or (set_ad and write))
-    return _NestedLeaf(result.pa, result.size, result.perms, None, result.pat_index)
+    return _NestedLeaf(result.pa, result.size, result.perms, None, False, result.pat_index)
 
 
 def _set_x86_ad(memory, fmt: Format, leaf: _X86Leaf, write: bool, updates: list) -> None:
@@ -1397,19 +1408,20 @@ def walk(memory: PhysicalMemory, va: int, context: PagingContext, nested: Nested
     def finish(gpa: int, page_size: int | None, perms: Permissions | None, pat_index: int | None,
                pat_type: int | None, user_address: bool) -> Walk:
         if nested is None:
-            return Walk(va, gpa, gpa, page_size, None, perms, None, pat_type, pat_index, tuple(refs), tuple(updates))
+            return Walk(va, address=gpa, gpa=gpa, page_size=page_size, permissions=perms, memory_type=pat_type,
+                        pat_index=pat_index, references=tuple(refs), updates=tuple(updates))
         got = _nested_translate(memory, gpa, nested, write=write, fetch=fetch, user_address=user_address, step=0,
-                                final=True, gla=va if fmt is not None else None, refs=refs, updates=updates,
+                                final=True, gla=va, refs=refs, updates=updates,
                                 caches=caches, set_ad=set_ad)
         if isinstance(got, Fault):
             return Walk(va, gpa=gpa, page_size=page_size, permissions=perms, references=tuple(refs),
                         updates=tuple(updates), fault=got)
         memory_type = None
         if isinstance(nested, Ept):
-            memory_type = effective_memory_type(got.memory_type & 7, bool(got.memory_type & EPT_IPAT),
-                                                UC if pat_type is None else pat_type)
-        return Walk(va, got.hpa, gpa, page_size, got.size, perms, got.perms, memory_type, pat_index, tuple(refs),
-                    tuple(updates))
+            memory_type = effective_memory_type(got.memory_type, got.ignore_pat, WB if pat_type is None else pat_type)
+        return Walk(va, address=got.hpa, gpa=gpa, page_size=page_size, nested_page_size=got.size, permissions=perms,
+                    nested_permissions=got.perms, memory_type=memory_type, pat_index=pat_index, references=tuple(refs),
+                    updates=tuple(updates))
 
     if fmt is None:
         if va < 0 or va >= 1 << 64:
@@ -1490,8 +1502,8 @@ def translate_gpa(memory: PhysicalMemory, gpa: int, nested: Nested, *, write: bo
                             gla=gla, refs=refs, updates=updates, caches=caches, set_ad=set_ad)
     if isinstance(got, Fault):
         return Walk(gpa, gpa=gpa, references=tuple(refs), updates=tuple(updates), fault=got)
-    memory_type = got.memory_type & 7 if got.memory_type is not None else None
-    return Walk(gpa, got.hpa, gpa, None, got.size, None, got.perms, memory_type, got.pat_index, tuple(refs), tuple(updates))
+    return Walk(gpa, address=got.hpa, gpa=gpa, nested_page_size=got.size, nested_permissions=got.perms,
+                memory_type=got.memory_type, pat_index=got.pat_index, references=tuple(refs), updates=tuple(updates))
 
 
 class GuestPhysicalView:
@@ -1639,16 +1651,6 @@ def coalesce(maps: Iterable[Mapping]) -> list[tuple[int, int, int, Permissions]]
 # =================================================================================================
 
 
-class Mode(str, enum.Enum):
-    """The paging mode the control registers select (mirrors pykvm.x86.modes without importing it)."""
-
-    OFF = "off"
-    BITS32 = "32-bit"
-    PAE = "pae"
-    LEVEL4 = "4-level"
-    LEVEL5 = "5-level"
-
-
 def context_from_sregs(sregs, *, maxphyaddr: int = 52, gbpages: bool = True, pat: int = DEFAULT_PAT) -> PagingContext:
     """The :class:`PagingContext` of ``struct kvm_sregs`` (CR0, CR3, CR4, EFER): fmt None if
     CR0.PG = 0, else 5-level (EFER.LMA, CR4.LA57), 4-level (EFER.LMA), PAE (CR4.PAE) or 32-bit."""
@@ -1698,16 +1700,7 @@ def walk_live(vcpu, memory, gva: int, *, write: bool = False, user: bool = False
     sregs = vcpu.get_sregs()
     maxphyaddr, gbpages = guest_cpu_features(vcpu)
     context = context_from_sregs(sregs, maxphyaddr=maxphyaddr, gbpages=gbpages)
-    physical = memory if isinstance(memory, PhysicalMemory) and not hasattr(memory, "region_at") else GuestMemoryAdapter(memory)
+    physical = memory if isinstance(memory, PhysicalMemory) else GuestMemoryAdapter(memory)
     return walk(physical, gva, context, write=write, user=user, fetch=fetch, set_ad=set_ad, caches=caches,
                 check_canonical=check_canonical)
 
-
-__all__ = [
-    "Extent", "Ept", "EptEntry", "EptMisconfig", "EptViolation", "Eptp", "Fault", "FrameAllocator", "Format",
-    "GeneralProtection", "GuestMemoryAdapter", "GuestPhysicalView", "Mapping", "MemoryReference", "NestedPageFault",
-    "Npt", "PageFault", "PagingContext", "Permissions", "PhysicalMemory", "SparseMemory", "TableBuilder", "TableError",
-    "Walk", "WalkCaches", "X86Entry", "build_tables", "check_tables", "coalesce", "context_from_sregs",
-    "effective_memory_type", "extents_from_slots", "guest_cpu_features", "mappings", "translate_gpa", "walk",
-    "walk_live", "walk_reference_count", "X86_32", "PAE", "LONG4", "LONG5", "EPT4", "EPT5",
-]
