@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a multiboot boot module (repeatable)")
     run.add_argument("--serial", default="stdio", metavar="stdio|none|file:PATH",
                      help="where the COM1 UART goes (stdio: stdout, and your terminal's input feeds it)")
+    run.add_argument("--dump-pagetables", action="store_true",
+                     help="when the guest stops, print the mappings of its live page tables")
     run.add_argument("--stats", action="store_true",
                      help="exit counts and times per exit kind and device, and KVM's own counters")
     run.set_defaults(func=cmd_run)
@@ -243,6 +245,48 @@ def _print_stats(machine: Machine) -> None:
     console.print(kvm)
 
 
+def page_table_dump(machine: Machine) -> dict:
+    """The boot vCPU's live page tables as merged mappings: {"mode", "cr3", "mappings" | "error"}."""
+    from .model.paging import GuestMemoryAdapter, TableError, coalesce, context_from_sregs, guest_cpu_features, mappings
+
+    sregs = machine.vcpu.get_sregs()
+    maxphyaddr, gbpages = guest_cpu_features(machine.vcpu)
+    context = context_from_sregs(sregs, maxphyaddr=maxphyaddr, gbpages=gbpages)
+    doc: dict = {"paging": context.fmt.name if context.fmt else None, "cr3": sregs.cr3}
+    if context.fmt is None:
+        doc["mappings"] = []
+        return doc
+    try:
+        merged = coalesce(mappings(GuestMemoryAdapter(machine.memory), context))
+    except (TableError, ValueError) as e:
+        doc["error"] = str(e)
+        return doc
+    doc["mappings"] = [
+        {"va": va, "pa": pa, "size": size, "write": p.write, "user": p.user, "execute": p.execute}
+        for va, pa, size, p in merged
+    ]
+    return doc
+
+
+def _print_page_tables(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    if doc["paging"] is None:
+        console.print("page tables: paging is off (CR0.PG = 0)")
+        return
+    table = Table(title=f"Page tables ({doc['paging']}, CR3 {doc['cr3']:#x})", title_justify="left")
+    for col in ("virtual", "physical", "size", "rights"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for m in doc.get("mappings", []):
+        rights = "r" + ("w" if m["write"] else "-") + ("x" if m["execute"] else "-") + (" user" if m["user"] else "")
+        table.add_row(f"{m['va']:#018x}", f"{m['pa']:#x}", f"{m['size']:#x}", rights)
+    console.print(table)
+    if "error" in doc:
+        console.print(f"[red]bad table entry[/]: {doc['error']}")
+
+
 def cmd_run(args) -> int:
     path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
     mode = args.mode or ("real" if path.endswith("_real.bin") else None)
@@ -278,6 +322,8 @@ def cmd_run(args) -> int:
                 doc["serial"] = uart.captured.decode("utf-8", "replace")
                 if args.stats:
                     doc["stats"] = _stats_document(machine)
+                if args.dump_pagetables:
+                    doc["page_tables"] = page_table_dump(machine)
                 print(json.dumps(doc, indent=2))
             else:
                 if error is not None:
@@ -286,6 +332,8 @@ def cmd_run(args) -> int:
                     _error(str(outcome.failure))
                 if args.stats:
                     _print_stats(machine)
+                if args.dump_pagetables:
+                    _print_page_tables(page_table_dump(machine))
     finally:
         if close_serial is not None:
             close_serial()

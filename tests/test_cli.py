@@ -199,3 +199,15 @@ def test_no_permission_on_kvm_device_says_how_to_fix(tmp_path):
         "pykvm: error: permission denied opening /dev/kvm: add your user to the 'kvm' group "
         "(sudo usermod -aG kvm $USER, then log in again) or run as root\n"
     )
+
+
+@pytest.mark.kvm
+def test_dump_pagetables(built):
+    doc = json.loads(run_cli("run", built["hello_long"], "--json", "--dump-pagetables").stdout)
+    tables = doc["page_tables"]
+    assert (tables["paging"], tables["cr3"]) == ("4-level", 0x21000)
+    assert tables["mappings"] == [{"va": 0, "pa": 0, "size": 4 << 30, "write": True, "user": True, "execute": True}]
+    real = json.loads(run_cli("run", built["hello_real"], "--mode", "real", "--json", "--dump-pagetables").stdout)
+    assert real["page_tables"] == {"paging": None, "cr3": 0, "mappings": []}
+    text = run_cli("run", built["hello_long"], "--dump-pagetables")
+    assert "Page tables (4-level, CR3 0x21000)" in text.stderr and "rwx user" in text.stderr
