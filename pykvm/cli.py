@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import threading
 
-from . import exits
+from . import argtypes, exits
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
 from .loaders import detect_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
@@ -45,36 +44,9 @@ examples:
   pykvm compare --json | jq '.rows[] | select(.topic == "TLB tagging")'
 """
 
-_SIZE = re.compile(r"^(0x[0-9a-f]+|\d+)\s*([kmg]i?b?)?$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '512KiB', '0x400000' -> bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4M, 64MiB, 1G, 0x400000)")
-    return int(m.group(1), 0) * _UNITS[(m.group(2) or "")[:1].lower()]
-
-
-def parse_addr(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an address: {text!r} (examples: 0x1000, 1048576)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"an address cannot be negative: {text}")
-    return value
-
-
-def parse_timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"the timeout must be positive, not {text}")
-    return value
+parse_size = argtypes.size
+parse_addr = argtypes.number(int, minimum=0, what="an address (examples: 0x1000, 1048576)")
+parse_timeout = argtypes.number(float, minimum=1e-3, what="a number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop a guest that runs longer")
     run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
-    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (each a thread; needs the irqchip)")
+    run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=255, what="a CPU count"), default=1,
+                     metavar="N", help="vCPUs (each a thread; needs the irqchip)")
     run.add_argument("--irqchip", action="store_true",
                      help="KVM's in-kernel PIC/IOAPIC/LAPIC and PIT (always on for kernels and --smp > 1)")
     run.add_argument("--append", default="", metavar="CMDLINE", help="a multiboot kernel's command line")

@@ -173,3 +173,19 @@ class ConsoleOutput:
             self.stream.write(data)
             if b"\n" in data:
                 self.stream.flush()
+
+
+class ConsoleDevice(Device):
+    """A device whose guest output goes to a :class:`ConsoleOutput` in ``self.output``."""
+
+    output: ConsoleOutput
+
+    @property
+    def captured(self) -> bytes:
+        """The newest bytes the guest sent (at most the capture limit)."""
+        return self.output.capture.getvalue()
+
+    @property
+    def dropped(self) -> int:
+        """Bytes the guest sent that are no longer kept in :attr:`captured` (they did reach the stream)."""
+        return self.output.capture.dropped

@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from .. import exits
-from .base import DEFAULT_CAPTURE_LIMIT, ConsoleOutput, Device
+from .base import DEFAULT_CAPTURE_LIMIT, ConsoleDevice, ConsoleOutput
 
 DEBUGCON_PORT = 0xE9
 DEBUGCON_READBACK = 0xE9
 
 
-class DebugConsole(Device):
+class DebugConsole(ConsoleDevice):
     """Port 0xE9: bytes out to the console, ``readback`` (0xE9) in."""
 
     def __init__(
@@ -37,15 +37,7 @@ class DebugConsole(Device):
         self.readback = readback & 0xFF
         self.output = ConsoleOutput(stream, limit)
 
-    @property
-    def captured(self) -> bytes:
-        """The newest ``limit`` bytes the guest wrote."""
-        return self.output.capture.getvalue()
 
-    @property
-    def dropped(self) -> int:
-        """How many older bytes were written but are no longer kept in :attr:`captured`."""
-        return self.output.capture.dropped
 
     def emit(self, data: bytes) -> None:
         """Put ``data`` on the console as if the guest had written it (the call port's PRINT)."""

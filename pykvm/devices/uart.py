@@ -57,7 +57,7 @@ import threading
 from collections import deque
 from typing import BinaryIO
 
-from .base import DEFAULT_CAPTURE_LIMIT, ConsoleOutput, Device, Irq, IrqLine
+from .base import DEFAULT_CAPTURE_LIMIT, ConsoleDevice, ConsoleOutput, Irq, IrqLine
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -122,7 +122,7 @@ MSR_DCD = 0x80
 MSR_NO_MODEM = MSR_DCD | MSR_DSR | MSR_CTS  # what QEMU reports without a modem
 
 
-class Uart16550(Device):
+class Uart16550(ConsoleDevice):
     """A 16550A UART at ``port`` (8 ports) raising its interrupt through ``irq``."""
 
     def __init__(
@@ -156,15 +156,7 @@ class Uart16550(Device):
         self._msr_delta = 0
 
     # ---- host side ----------------------------------------------------------------------------
-    @property
-    def captured(self) -> bytes:
-        """The newest ``limit`` bytes the guest transmitted."""
-        return self.output.capture.getvalue()
 
-    @property
-    def dropped(self) -> int:
-        """Transmitted bytes no longer kept in :attr:`captured` (they did reach the stream)."""
-        return self.output.capture.dropped
 
     @property
     def irq_level(self) -> int:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import argtypes
 from .tlb import Policy, ReplayStats, TLBConfig, default_pwc, replay
 from .workload import TRACE_FORMAT, Trace, TraceError, Workload, parse_trace, read_trace
 
@@ -45,31 +46,9 @@ policies:
 """
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
+_count = argtypes.number(int, minimum=0, what="a whole number")
+_positive = argtypes.number(int, minimum=1, what="a whole number")
+_fraction = argtypes.number(float, minimum=0.0, maximum=1.0, what="a number")
 
 
 def _exponent(text: str) -> float:
