@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
     run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=255, what="a CPU count"), default=1,
                      metavar="N", help="vCPUs (each a thread; needs the irqchip)")
-    run.add_argument("--irqchip", action="store_true",
-                     help="KVM's in-kernel PIC/IOAPIC/LAPIC and PIT (always on for kernels and --smp > 1)")
+    run.add_argument("--irqchip", nargs="?", const="kernel", choices=("kernel", "split"),
+                     help="interrupt controllers: kernel = KVM's PIC, IOAPIC, LAPICs and PIT (the default for "
+                          "kernels and --smp > 1); split = LAPICs in KVM, the IOAPIC in Python, no PIC or PIT")
     run.add_argument("--append", default="", metavar="CMDLINE", help="a multiboot kernel's command line")
     run.add_argument("--module", action="append", default=[], metavar="'FILE [ARGS]'",
                      help="a multiboot boot module (repeatable)")
@@ -271,7 +272,8 @@ def cmd_run(args) -> int:
     if args.smp < 1:
         raise ValueError(f"--smp must be at least 1, not {args.smp}")
     kind = detect_image(image, name=path)
-    irqchip = args.irqchip or args.smp > 1 or kind != "flat"
+    chip = args.irqchip or ("kernel" if args.smp > 1 or kind != "flat" else None)
+    irqchip = {"kernel": True, "split": "split", None: False}[chip]
     serial, close_serial = _serial_stream(args.serial)
     if args.json and serial is sys.stdout.buffer:
         serial = None  # stdout carries the JSON document

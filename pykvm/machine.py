@@ -33,6 +33,8 @@ from .constants import (
     Cap,
 )
 from .devices.debugcon import DebugConsole
+from .devices.ioapic import PINS as IOAPIC_PINS
+from .devices.ioapic import Ioapic
 from .ioctl import KvmError, KvmUnsupportedError
 from .stats import read_stats_of
 from .report import CpuState, read_virtual, read_virtual_cstring
@@ -136,7 +138,9 @@ class Machine:
 
     ``irqchip`` creates KVM's in-kernel PIC, IOAPIC and local APICs (needed for interrupts and
     for more than one vCPU; HLT is then handled in the kernel), ``pit`` its i8254 timer (default:
-    with the irqchip).
+    with the irqchip). ``irqchip="split"`` keeps only the local APICs in the kernel
+    (KVM_CAP_SPLIT_IRQCHIP) and puts a Python IOAPIC (:attr:`ioapic`) at 0xFEC00000; KVM then
+    has no PIC and no PIT.
     """
 
     def __init__(
@@ -144,7 +148,7 @@ class Machine:
         mem_size: int = layout.DEFAULT_MEM_SIZE,
         *,
         cpus: int = 1,
-        irqchip: bool = False,
+        irqchip: bool | str = False,
         pit: bool | None = None,
         kvm: Kvm | None = None,
         console: BinaryIO | None = None,
@@ -158,6 +162,10 @@ class Machine:
             )
         if mem_size > layout.MMIO_WINDOW:
             raise ValueError(f"guest memory above {layout.MMIO_WINDOW:#x} would cover the MMIO window")
+        if irqchip not in (False, True, "split"):
+            raise ValueError(f"irqchip must be True, False or 'split', not {irqchip!r}")
+        if irqchip == "split" and pit:
+            raise ValueError("the split irqchip has no in-kernel PIT (KVM_CREATE_PIT2 needs KVM's IOAPIC and PIC)")
         if cpus < 1 or (cpus > 1 and not irqchip):
             raise ValueError(f"{cpus} vCPUs: need at least 1, and more than 1 needs the in-kernel irqchip")
         self._own_kvm = kvm is None
@@ -166,7 +174,11 @@ class Machine:
         try:
             self.vm = self.kvm.create_vm()
             self.ram = self.vm.add_memory(0, mem_size)
-            if irqchip:
+            if irqchip == "split":  # before any vCPU: their LAPICs are created in the kernel
+                if not self.vm.has_cap(Cap.SPLIT_IRQCHIP):
+                    raise KvmUnsupportedError("this KVM has no split irqchip (KVM_CAP_SPLIT_IRQCHIP)")
+                self.vm.enable_cap(Cap.SPLIT_IRQCHIP, IOAPIC_PINS)
+            elif irqchip:
                 self.vm.create_irqchip()
                 self.vm.set_gsi_routing(PC_GSI_ROUTES)
                 if pit is not False:
@@ -198,6 +210,14 @@ class Machine:
         self._exit_handlers: dict[type, Callable] = {}
         self._stop_reason: str | None = None
         self._finished = threading.Event()
+        self.ioapic: Ioapic | None = None
+        if irqchip == "split":
+            # MSI routes on GSIs 0-23 tell KVM which vectors are level-triggered: it exits on their EOI.
+            self.ioapic = Ioapic(self.vm.signal_msi, set_routes=lambda msi: self.vm.set_gsi_routing([], msi), id=cpus)
+            self.add_device(self.ioapic)
+            self.on_exit(exits.IoapicEoi, self.ioapic.eoi_exit)
+            for port in (0x20, 0xA0):  # no 8259s: a guest masking them (as most do) writes to nothing
+                self.on_port(port, _absent, count=2, name="8259 PIC (absent)")
         self._coalesced = False
         self._ring_lock = threading.Lock()
 
@@ -308,9 +328,16 @@ class Machine:
         device.attach(self.bus)
 
     def irq(self, gsi: int) -> Callable[[int], None]:
-        """A function that sets interrupt line ``gsi`` (1 raised, 0 lowered) on the in-kernel irqchip."""
+        """A function that sets interrupt line ``gsi`` (1 raised, 0 lowered) on the irqchip: KVM's
+        (KVM_IRQ_LINE), or with the split irqchip the Python IOAPIC's pin for ``gsi`` (as
+        PC_GSI_ROUTES: GSI 0 on pin 2, GSI 2 is the PIC cascade)."""
         if not self.irqchip:
             raise ValueError("interrupt lines need the in-kernel irqchip (Machine(irqchip=True))")
+        if self.ioapic is not None:
+            pin = {g: p for g, chip, p in PC_GSI_ROUTES if chip == IRQCHIP_IOAPIC}.get(gsi)
+            if pin is None:
+                raise ValueError(f"GSI {gsi} reaches no IOAPIC pin (0-23; 2 is the PIC cascade)")
+            return self.ioapic.irq(pin)
         return lambda level: self.vm.irq_line(gsi, level)
 
     def on_port(self, port: int, handler: Callable, count: int = 1, name: str | None = None) -> None:
@@ -604,6 +631,12 @@ class Machine:
         except (KvmError, OSError):
             return {}
         return dict(totals)
+
+
+def _absent(exit, vcpu) -> None:
+    """An empty bus: writes vanish, reads float high."""
+    if isinstance(exit, exits.IoIn):
+        exit.reply(-1)
 
 
 def default_console() -> BinaryIO:

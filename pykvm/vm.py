@@ -9,6 +9,7 @@ from .constants import (
     IOEVENTFD_FLAG_DEASSIGN,
     IOEVENTFD_FLAG_PIO,
     IRQ_ROUTING_IRQCHIP,
+    IRQ_ROUTING_MSI,
     IRQFD_FLAG_DEASSIGN,
     MEM_LOG_DIRTY_PAGES,
     MEM_READONLY,
@@ -123,13 +124,19 @@ class Vm(FdObject):
         """Wraps ``KVM_SET_PIT2``."""
         self._ioctl("KVM_SET_PIT2", state)
 
-    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
-        """Replace the GSI routing table with (gsi, irqchip, pin) entries (irqchip: IRQCHIP_PIC_MASTER,
-        IRQCHIP_PIC_SLAVE or IRQCHIP_IOAPIC). Wraps ``KVM_SET_GSI_ROUTING``."""
-        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]], msi: list[tuple[int, int, int]] = ()) -> None:
+        """Replace the GSI routing table: ``routes`` of (gsi, irqchip, pin) (irqchip: IRQCHIP_PIC_MASTER,
+        IRQCHIP_PIC_SLAVE or IRQCHIP_IOAPIC) and ``msi`` of (gsi, address, data).
+        Wraps ``KVM_SET_GSI_ROUTING``."""
+        n = len(routes) + len(msi)
+        table = ffi.new("struct kvm_irq_routing *", {"nr": n, "entries": n})
         for entry, (gsi, chip, pin) in zip(table.entries, routes):
             entry.gsi, entry.type = gsi, IRQ_ROUTING_IRQCHIP
             entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        for i, (gsi, address, data) in enumerate(msi, start=len(routes)):
+            entry = table.entries[i]
+            entry.gsi, entry.type = gsi, IRQ_ROUTING_MSI
+            entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data = address & 0xFFFFFFFF, address >> 32, data
         self._ioctl("KVM_SET_GSI_ROUTING", table)
 
     def irq_line(self, irq: int, level: int) -> None:
