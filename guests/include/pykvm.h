@@ -54,7 +54,20 @@
 #define PYKVM_EVENTFD_PORT      0x610       /* eventfd.S: writes answered by an ioeventfd in the kernel */
 #define PYKVM_TEST_MSR          0x40001000  /* msr.S: an MSR emulated in Python */
 #define PYKVM_TEST_HYPERCALL    0x50        /* hypercall.S: a hypercall answered by Python */
-#define PYKVM_BENCH_PORT        0x700       /* bench_io.S: inl of the count, then one outb per iteration */
+#define PYKVM_BENCH_PORT        0x700       /* bench_io.S: the port of its port-I/O loops */
+#define PYKVM_BENCH_MMIO        0x10F000    /* bench_io.S: its MMIO byte (FFFF:F010), above 1 MiB of RAM */
+#define PYKVM_BENCH_MSR         0x40001010  /* bench_io.S: the MSR its loops read or write */
+#define PYKVM_BENCH_HYPERCALL   0x51        /* bench_io.S: its hypercall through HYPERCALL_PORT */
+
+/* bench_io.S's loops: the host puts one in EAX and N in ECX at entry */
+#define PYKVM_BENCH_LOOP_OUT        1       /* N x outb to BENCH_PORT */
+#define PYKVM_BENCH_LOOP_IN         2       /* N x inb from BENCH_PORT */
+#define PYKVM_BENCH_LOOP_MMIO_WRITE 3       /* N x byte write to BENCH_MMIO */
+#define PYKVM_BENCH_LOOP_MMIO_READ  4       /* N x byte read from BENCH_MMIO */
+#define PYKVM_BENCH_LOOP_RDMSR      5       /* N x rdmsr of BENCH_MSR */
+#define PYKVM_BENCH_LOOP_WRMSR      6       /* N x wrmsr of BENCH_MSR */
+#define PYKVM_BENCH_LOOP_HYPERCALL  7       /* N x BENCH_HYPERCALL on HYPERCALL_PORT */
+#define PYKVM_BENCH_LOOP_HLT        8       /* N x hlt */
 
 #define PYKVM_CALL_DONE         1
 #define PYKVM_CALL_FAIL         2

@@ -14,18 +14,19 @@ Handler = Callable[..., object]
 
 
 class Route(NamedTuple):
-    """Where an exit goes: the handler, and the range it was registered for (for statistics)."""
+    """Where an exit goes: the handler, and the range it was registered for (``label`` names it in
+    statistics; made once here, not on every exit)."""
 
     handler: Handler
     start: int
     size: int
     name: str
+    label: str
 
-    @property
-    def label(self) -> str:
-        end = self.start + self.size - 1
-        span = f"{self.start:#x}" if self.size == 1 else f"{self.start:#x}-{end:#x}"
-        return f"{self.name} {span}"
+    @classmethod
+    def make(cls, handler: Handler, start: int, size: int, name: str) -> "Route":
+        span = f"{start:#x}" if size == 1 else f"{start:#x}-{start + size - 1:#x}"
+        return cls(handler, start, size, name, f"{name} {span}")
 
 
 def _name(handler: Handler) -> str:
@@ -45,7 +46,7 @@ class Bus:
         """Route ports [port, port + count) to ``handler``."""
         if not (0 <= port and count > 0 and port + count <= 0x10000):
             raise ValueError(f"port range {port:#x}+{count} is outside 0-0xffff")
-        route = Route(handler, port, count, name or _name(handler))
+        route = Route.make(handler, port, count, name or _name(handler))
         taken = [p for p in range(port, port + count) if p in self._ports]
         if taken:
             raise ValueError(f"{route.label}: port {taken[0]:#x} already belongs to {self._ports[taken[0]].label}")
@@ -56,7 +57,7 @@ class Bus:
         """Route guest-physical [gpa, gpa + size) to ``handler``."""
         if size <= 0 or gpa < 0:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} is empty or negative")
-        route = Route(handler, gpa, size, name or _name(handler))
+        route = Route.make(handler, gpa, size, name or _name(handler))
         for other in self._mmio:
             if gpa < other.start + other.size and other.start < gpa + size:
                 raise ValueError(f"{route.label} overlaps {other.label}")

@@ -46,7 +46,19 @@ TEST_PORT = 0x600  # guests/io.S exercises port I/O on TEST_PORT and TEST_PORT +
 EVENTFD_PORT = 0x610  # guests/eventfd.S writes here: an ioeventfd, answered in the kernel, not Python
 TEST_MSR = 0x40001000  # guests/msr.S reads and writes this MSR; a test emulates it in Python
 TEST_HYPERCALL = 0x50  # guests/hypercall.S makes this hypercall through the hypercall port
-BENCH_PORT = 0x700  # guests/bench_io.S (scripts/bench_exits.py): inl of the count N, then N outb (free of PC devices)
+BENCH_PORT = 0x700  # guests/bench_io.S (scripts/bench_exits.py): the port of its port-I/O loops (free of PC devices)
+BENCH_MMIO = 0x10F000  # guests/bench_io.S: its MMIO byte, FFFF:F010 in real mode; MMIO with the bench's 1 MiB of RAM
+BENCH_MSR = 0x40001010  # guests/bench_io.S: the MSR its loops read or write (emulated in Python via the MSR filter)
+BENCH_HYPERCALL = 0x51  # guests/bench_io.S: the hypercall its loop makes through HYPERCALL_PORT
+# guests/bench_io.S's loops: the host sets EAX to one of these and ECX to N at entry
+BENCH_LOOP_OUT = 1  # N x outb to BENCH_PORT
+BENCH_LOOP_IN = 2  # N x inb from BENCH_PORT
+BENCH_LOOP_MMIO_WRITE = 3  # N x byte write to BENCH_MMIO
+BENCH_LOOP_MMIO_READ = 4  # N x byte read from BENCH_MMIO
+BENCH_LOOP_RDMSR = 5  # N x rdmsr of BENCH_MSR
+BENCH_LOOP_WRMSR = 6  # N x wrmsr of BENCH_MSR
+BENCH_LOOP_HYPERCALL = 7  # N x hypercall BENCH_HYPERCALL on HYPERCALL_PORT
+BENCH_LOOP_HLT = 8  # N x hlt (KVM_EXIT_HLT without the in-kernel irqchip)
 
 CALL_DONE = 1  # EBX = exit status (0: success)
 CALL_FAIL = 2  # EBX = line, RCX = value, RSI = linear address of a NUL-terminated message (or 0)
