@@ -123,7 +123,7 @@ class ExitStats:
         self.count[key] += 1
         self.seconds[key] += seconds
 
-    def merge(self, other: "ExitStats") -> None:
+    def merge(self, other: ExitStats) -> None:
         for key, n in other.count.items():
             self.count[key] += n
             self.seconds[key] += other.seconds[key]

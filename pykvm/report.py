@@ -62,7 +62,7 @@ class CpuState:
     code: bytes
 
     @classmethod
-    def capture(cls, vcpu, memory) -> "CpuState":
+    def capture(cls, vcpu, memory) -> CpuState:
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
         bits = code_bits(sregs)

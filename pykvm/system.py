@@ -78,7 +78,7 @@ class CpuidEntry:
     edx: int
 
     @classmethod
-    def from_c(cls, entry) -> "CpuidEntry":
+    def from_c(cls, entry) -> CpuidEntry:
         return cls(entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx)
 
     def to_c(self, entry) -> None:

@@ -24,7 +24,7 @@ class Route(NamedTuple):
     label: str
 
     @classmethod
-    def make(cls, handler: Handler, start: int, size: int, name: str) -> "Route":
+    def make(cls, handler: Handler, start: int, size: int, name: str) -> Route:
         span = f"{start:#x}" if size == 1 else f"{start:#x}-{start + size - 1:#x}"
         return cls(handler, start, size, name, f"{name} {span}")
 
@@ -44,7 +44,7 @@ class Bus:
 
     def add_port(self, port: int, handler: Handler, count: int = 1, name: str | None = None) -> None:
         """Route ports [port, port + count) to ``handler``."""
-        if not (0 <= port and count > 0 and port + count <= 0x10000):
+        if not (port >= 0 and count > 0 and port + count <= 0x10000):
             raise ValueError(f"port range {port:#x}+{count} is outside 0-0xffff")
         route = Route.make(handler, port, count, name or _name(handler))
         taken = [p for p in range(port, port + count) if p in self._ports]
