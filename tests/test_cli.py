@@ -211,3 +211,14 @@ def test_dump_pagetables(built):
     assert real["page_tables"] == {"paging": None, "cr3": 0, "mappings": []}
     text = run_cli("run", built["hello_long"], "--dump-pagetables")
     assert "Page tables (4-level, CR3 0x21000)" in text.stderr and "rwx user" in text.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name, args, text", [
+    ("hello_long", [], "Hello from long mode\n"),  # ELF64: long mode
+    ("hello_protected", [], "Hello from protected mode\n"),  # ELF32: protected mode
+    ("hello_real", ["--mode", "real"], "Hello from real mode\n"),
+])
+def test_elf_images_are_detected_by_content(built, name, args, text):
+    result = run_cli("run", built[name].replace(".bin", ".elf"), *args)
+    assert (result.returncode, result.stdout, result.stderr) == (0, text, "")
