@@ -44,6 +44,15 @@ examples:
   pykvm compare --json | jq '.rows[] | select(.topic == "TLB tagging")'
 """
 
+def _trace_range(text: str) -> tuple[int, int]:
+    from .trace import parse_range
+
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 parse_size = argtypes.size
 parse_addr = argtypes.number(int, minimum=0, what="an address (examples: 0x1000, 1048576)")
 parse_timeout = argtypes.number(float, minimum=1e-3, what="a number of seconds")
@@ -70,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPA to load the image at (default: 0x1000 in real mode, 0x100000 otherwise)")
     run.add_argument("--entry", type=parse_addr, metavar="ADDR", help="entry point (default: the load address)")
     run.add_argument("--timeout", type=parse_timeout, metavar="SECONDS", help="stop a guest that runs longer")
-    run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr")
+    run.add_argument("--trace-exits", action="store_true", help="print every exit on stderr (cheap)")
+    run.add_argument("--trace", action="store_true",
+                     help="single-step the guest and print each instruction (bytes, disassembly, changed registers)")
+    run.add_argument("--trace-range", type=_trace_range, metavar="LO-HI",
+                     help="print only instructions at LO <= address < HI (implies --trace)")
+    run.add_argument("--trace-count", type=argtypes.number(int, minimum=1, what="a count"), metavar="N",
+                     help="stop tracing after N printed instructions (implies --trace)")
+    run.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr (implies --trace)")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
     run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=255, what="a CPU count"), default=1,
                      metavar="N", help="vCPUs (each a thread; needs the irqchip)")
@@ -261,6 +277,16 @@ def _print_page_tables(doc: dict) -> None:
         console.print(f"[red]bad table entry[/]: {doc['error']}")
 
 
+def _tracer(args, machine: Machine):
+    """The instruction tracer --trace and its filters ask for (attached), or None."""
+    if not (args.trace or args.trace_range or args.trace_count or args.trace_file):
+        return None
+    from .trace import Tracer
+
+    output = open(args.trace_file, "w") if args.trace_file else sys.stderr  # noqa: SIM115 - closed after the run
+    return Tracer(machine, output=output, count=args.trace_count, only_range=args.trace_range).attach()
+
+
 def cmd_run(args) -> int:
     path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
     mode = args.mode or ("real" if path.endswith("_real.bin") else None)
@@ -287,10 +313,18 @@ def cmd_run(args) -> int:
                                 load=args.load, entry=args.entry, la57=args.la57)
             if args.serial == "stdio" and not args.json:
                 _feed_stdin(uart)
+            tracer = _tracer(args, machine)
             try:
                 outcome = machine.run(timeout=args.timeout)
             except GuestError as e:
                 error = e
+            finally:
+                if tracer is not None:
+                    tracer.finish()
+                    if tracer.output is not sys.stderr:
+                        tracer.output.close()
+                    if not args.json:
+                        print(tracer.summary(), file=sys.stderr)
             if args.json:
                 doc = _run_document(args, path, Mode(mode) if mode else None, outcome, machine, error)
                 doc["format"] = kind
@@ -299,6 +333,9 @@ def cmd_run(args) -> int:
                     doc["stats"] = _stats_document(machine)
                 if args.dump_pagetables:
                     doc["page_tables"] = page_table_dump(machine)
+                if tracer is not None:
+                    doc["trace"] = {"steps": tracer.steps, "printed": tracer.printed, "seconds": tracer.seconds,
+                                    "stopped": tracer.stopped}
                 print(json.dumps(doc, indent=2))
             else:
                 if error is not None:

@@ -342,6 +342,12 @@ GUESTDBG_INJECT_DB = 0x00040000
 GUESTDBG_INJECT_BP = 0x00080000
 GUESTDBG_BLOCKIRQ = 0x00100000
 
+# struct kvm_run.kvm_valid_regs / kvm_dirty_regs (KVM_CAP_SYNC_REGS): register sets KVM copies into
+# kvm_run.s.regs at every exit (valid) and loads from it at the next KVM_RUN (dirty)
+SYNC_X86_REGS = 1 << 0
+SYNC_X86_SREGS = 1 << 1
+SYNC_X86_EVENTS = 1 << 2
+
 # struct kvm_cpuid_entry2.flags
 CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
 

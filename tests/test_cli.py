@@ -222,3 +222,23 @@ def test_dump_pagetables(built):
 def test_elf_images_are_detected_by_content(built, name, args, text):
     result = run_cli("run", built[name].replace(".bin", ".elf"), *args)
     assert (result.returncode, result.stdout, result.stderr) == (0, text, "")
+
+
+@pytest.mark.kvm
+def test_trace_from_the_command_line(built, tmp_path):
+    result = run_cli("run", built["hello_real"], "--mode", "real", "--trace-count", "6")
+    assert (result.returncode, result.stdout) == (0, "Hello from real mode\n")
+    lines = result.stderr.splitlines()
+    assert [line.split()[0] for line in lines[:6]] == ["1", "2", "3", "4", "5", "6"]
+    assert "out 0xe9, al" in lines[5] and "IoOut(port=0xe9" in lines[5]
+    assert lines[6].startswith("trace: ") and "stopped after 6 instructions" in lines[6]
+    out = tmp_path / "trace.txt"
+    result = run_cli("run", built["hello_real"], "--mode", "real", "--trace-file", str(out),
+                     "--trace-range", "0x1000-0x1010")
+    assert result.returncode == 0 and out.read_text().count("lodsb") == len("Hello from real mode\n") + 1
+
+
+def test_bad_trace_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--trace-range", "0x2000-0x1000"])
+    assert info.value.code == 2 and "need 0 <= LO < HI" in capsys.readouterr().err
