@@ -1,4 +1,8 @@
-"""Shared fixtures: the `kvm` marker's skip, pykvm's built guests, and the backend in use."""
+"""Shared fixtures: pykvm's built guests and the backend in use.
+
+The `kvm` marker (skip with the reason where /dev/kvm is missing; --kvm-required makes that a
+failure) comes from pykvm's own pytest plugin, pykvm/testing.py.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,12 @@ import functools
 import pytest
 
 from pykvm.images import ImageError, guest_image
-from pykvm.ioctl import KvmUnavailableError
 from pykvm.probe.host import kvm_backend
 from pykvm.system import Kvm
 
-
-@functools.lru_cache(maxsize=None)
-def kvm_unavailable_reason() -> str | None:
-    try:
-        Kvm().close()
-    except KvmUnavailableError as e:
-        return e.strerror
-    return None
-
-
-def pytest_collection_modifyitems(config, items):
-    reason = kvm_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"needs /dev/kvm: {reason}")
-    for item in items:
-        if "kvm" in item.keywords:
-            item.add_marker(skip)
+# Loaded by its pytest11 entry point where pykvm is installed (then this line does nothing: the
+# entry point has the module's name); this covers PYTEST_DISABLE_PLUGIN_AUTOLOAD and checkouts.
+pytest_plugins = ["pykvm.testing"]
 
 
 @pytest.fixture(scope="session")
