@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace-count", type=argtypes.number(int, minimum=1, what="a count"), metavar="N",
                      help="stop tracing after N printed instructions (implies --trace)")
     run.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr (implies --trace)")
+    run.add_argument("--gdb", metavar="[HOST]:PORT",
+                     help="serve gdb's remote protocol (gdb: target remote HOST:PORT); each vCPU is a thread")
+    run.add_argument("--wait-gdb", action="store_true", help="with --gdb: hold the guest until gdb attaches")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
     run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=255, what="a CPU count"), default=1,
                      metavar="N", help="vCPUs (each a thread; needs the irqchip)")
@@ -287,9 +290,29 @@ def _tracer(args, machine: Machine):
     return Tracer(machine, output=output, count=args.trace_count, only_range=args.trace_range).attach()
 
 
+def _gdb_server(args, machine: Machine):
+    """The gdb stub --gdb asks for, listening (and, with --wait-gdb, attached), or None."""
+    if args.wait_gdb and not args.gdb:
+        raise ValueError("--wait-gdb needs --gdb [HOST]:PORT")
+    if not args.gdb:
+        return None
+    from .gdbstub import GdbServer
+
+    server = GdbServer(machine, args.gdb, wait=args.wait_gdb)
+    host, port = server.listen()
+    wait = ", waiting for gdb to attach" if args.wait_gdb else ""
+    print(f"pykvm: gdb server on {host}:{port}{wait} (gdb -ex 'target remote {host}:{port}')", file=sys.stderr)
+    server.start()
+    return server
+
+
 def cmd_run(args) -> int:
     path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
     mode = args.mode or ("real" if path.endswith("_real.bin") else None)
+    if args.gdb and (args.trace or args.trace_range or args.trace_count or args.trace_file):
+        raise ValueError("--gdb and --trace both drive single-stepping: use one at a time")
+    if args.gdb and args.timeout is not None:
+        raise ValueError("--timeout would count the time gdb holds the guest stopped: drop it with --gdb")
     if args.load is not None and args.load >= args.mem:
         raise ImageError(f"load address {args.load:#x} is outside guest memory (0-{args.mem:#x})")
     default_load = Mode(mode).default_load if mode else layout.PROTECTED_LOAD
@@ -314,8 +337,9 @@ def cmd_run(args) -> int:
             if args.serial == "stdio" and not args.json:
                 _feed_stdin(uart)
             tracer = _tracer(args, machine)
+            gdb = _gdb_server(args, machine)
             try:
-                outcome = machine.run(timeout=args.timeout)
+                outcome = gdb.run() if gdb is not None else machine.run(timeout=args.timeout)
             except GuestError as e:
                 error = e
             finally:

@@ -89,7 +89,7 @@ class HandlerError(GuestError):
 def describe_exit(exit: exits.Exit) -> str:
     """One line naming an exit and its key fields."""
     if isinstance(exit, (exits.IoOut, exits.IoIn)):
-        data = f" data={bytes(exit.data).hex()}" if isinstance(exit, exits.IoOut) else ""
+        data = f", data={bytes(exit.data).hex()}" if isinstance(exit, exits.IoOut) else ""
         return f"{type(exit).__name__}(port={exit.port:#x}, size={exit.size}, count={exit.count}{data})"
     if isinstance(exit, exits.MmioWrite):
         return f"MmioWrite(gpa={exit.gpa:#x}, data={exit.data.hex()})"
@@ -198,6 +198,10 @@ class Machine:
         self.syncs: list[int] = []
         self.on_sync: Callable[[int], None] | None = None
         self.trace = trace
+        #: Called as ``after_exit(exit, vcpu)`` in the vCPU's thread after every exit a handler answered
+        #: (set it before :meth:`run`). A debugger uses it to end a single step as soon as the instruction
+        #: that exited completes (some backends lose the step trap across an exit to user space).
+        self.after_exit: Callable[[exits.Exit, object], None] | None = None
         self.stats = ExitStats()
         self.kvm_stats: dict[str, int] = {}
         self.bus = Bus()
@@ -210,6 +214,7 @@ class Machine:
         self._exit_handlers: dict[type, Callable] = {}
         self._stop_reason: str | None = None
         self._finished = threading.Event()
+        self._running = False
         self.ioapic: Ioapic | None = None
         if irqchip == "split":
             # MSI routes on GSIs 0-23 tell KVM which vectors are level-triggered: it exits on their EOI.
@@ -414,7 +419,10 @@ class Machine:
             self.vm.enable_cap(Cap.EXIT_HYPERCALL, wanted)
 
     def on_exit(self, kind: type, handler: Callable) -> None:
-        """Answer exits of class ``kind`` (e.g. ``exits.SystemEvent``) that no other route takes."""
+        """Answer exits of class ``kind`` (e.g. ``exits.SystemEvent``) that no other route takes.
+
+        ``exits.Intr`` (KVM_RUN interrupted: a :meth:`~pykvm.vcpu.Vcpu.kick` or a stray signal) is
+        ignored unless a handler is set; a debugger uses one to park a vCPU it asked to pause."""
         self._exit_handlers[kind] = handler
 
     # ---- the host protocol --------------------------------------------------------------------
@@ -522,6 +530,16 @@ class Machine:
         raise UnexpectedExit(f"unexpected exit: {describe_exit(exit)}", state, exit)
 
     # ---- running ------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether a :meth:`run` is in progress (its vCPU threads may be in KVM_RUN)."""
+        return self._running
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the current run is ending: a vCPU finished, or :meth:`stop` was called."""
+        return self._finished.is_set()
+
     def stop(self, reason: str = "stopped") -> None:
         """Stop a running :meth:`run` from any thread (it raises GuestTimeout with ``reason``)."""
         self._stop_reason = reason
@@ -532,6 +550,7 @@ class Machine:
     def _loop(self, vcpu, stats: ExitStats):
         """Run one vCPU until an outcome (returned), an error (raised) or another vCPU finishing (None)."""
         run, route, trace, clock = vcpu.run, self._route, self.trace, time.perf_counter
+        after = self.after_exit
         finished = self._finished
         while True:
             exit = run()
@@ -542,11 +561,15 @@ class Machine:
                     raise GuestTimeout(self._stop_reason, CpuState.capture(vcpu, self.memory), exit)
                 return None
             if type(exit) is exits.Intr:
-                continue  # a signal meant for someone else
+                handler = self._exit_handlers.get(exits.Intr)
+                if handler is None:
+                    continue  # a signal meant for someone else
+                key = "Intr"
+            else:
+                handler, key = route(exit)
             start = clock()
             if trace is not None:
                 trace(exit)
-            handler, key = route(exit)
             if handler is None:
                 self._unexpected(exit, vcpu)
             try:
@@ -561,6 +584,8 @@ class Machine:
             stats.add(key, clock() - start)
             if result is not None:
                 return result
+            if after is not None:
+                after(exit, vcpu)
 
     def _run_vcpu(self, vcpu, results: list, stats: ExitStats) -> None:
         try:
@@ -594,6 +619,7 @@ class Machine:
         start = time.monotonic()
         threads = [threading.Thread(target=self._run_vcpu, args=(v, results, s), name=f"vcpu{v.id}", daemon=True)
                    for v, s in zip(self.vcpus[1:], stats[1:])]
+        self._running = True
         try:
             for t in threads:
                 t.start()
@@ -601,6 +627,7 @@ class Machine:
             for t in threads:
                 t.join()
         finally:
+            self._running = False
             if timer is not None:
                 timer.cancel()
             stream = self.debugcon.output.stream

@@ -52,7 +52,7 @@ def test_default_guest_runs_and_exits_zero():
         ("hello_protected", "protected", 0, "Hello from protected mode\n", ""),
         ("cpuid_cpl", "long", 0, None, ""),
         ("sync", "protected", 0, "", ""),
-        ("io", "protected", 1, "", "pykvm: error: unexpected exit: IoOut(port=0x600, size=1, count=1 data=11)\n"),
+        ("io", "protected", 1, "", "pykvm: error: unexpected exit: IoOut(port=0x600, size=1, count=1, data=11)\n"),
         ("page_fault", "long", 1, "", "pykvm: error: guest exception #PF (vector 14) at rip=0x100000 cs=0x8"),
     ],
 )
@@ -71,8 +71,8 @@ def test_real_mode_image_and_trace_exits(built):
     assert result.returncode == 0
     assert result.stdout == "Hello from real mode\n"
     lines = result.stderr.splitlines()
-    assert lines[0] == "exit 1: IoOut(port=0xe9, size=1, count=1 data=48)"  # 'H'
-    assert lines[-1] == "exit 22: IoOut(port=0xea, size=4, count=1 data=01000000)"  # DONE
+    assert lines[0] == "exit 1: IoOut(port=0xe9, size=1, count=1, data=48)"  # 'H'
+    assert lines[-1] == "exit 22: IoOut(port=0xea, size=4, count=1, data=01000000)"  # DONE
 
 
 @pytest.mark.kvm
@@ -242,3 +242,34 @@ def test_bad_trace_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--trace-range", "0x2000-0x1000"])
     assert info.value.code == 2 and "need 0 <= LO < HI" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_gdb_attaches_to_pykvm_run(built):
+    """`pykvm run --gdb :PORT --wait-gdb` with real gdb: break at the first `out`, read rax, detach."""
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed (apt-get install gdb)")
+    import socket
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", built["hello_long"], "--gdb", f":{port}",
+                             "--wait-gdb"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().startswith(f"pykvm: gdb server on 127.0.0.1:{port}, waiting for gdb")
+        gdb = subprocess.run(
+            ["gdb", "-nx", "-batch", "-ex", f"target remote 127.0.0.1:{port}", "-ex", "break *0x10000b",
+             "-ex", "continue", "-ex", "printf \"rax=%x\\n\", $rax", "-ex", "detach"],
+            capture_output=True, text=True, timeout=60,
+        )
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "rax=48" in gdb.stdout, gdb.stdout + gdb.stderr  # 'H', about to be written
+    assert (proc.returncode, out) == (0, "Hello from long mode\n")
+
+
+def test_gdb_and_trace_do_not_mix(capsys):
+    assert main(["run", "--gdb", ":1234", "--trace"]) == 2
+    assert "use one at a time" in capsys.readouterr().err

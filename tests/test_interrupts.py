@@ -125,7 +125,7 @@ def test_a_raising_handler_stops_the_vm_and_names_the_exit(guest):
     with Machine() as m:
         m.on_port(layout.TEST_PORT, broken, count=2, name="broken device")
         m.load_flat(guest("io"), "protected")
-        with pytest.raises(HandlerError, match=r"the handler for IoOut\(port=0x600, size=1, count=1 data=11\) "
+        with pytest.raises(HandlerError, match=r"the handler for IoOut\(port=0x600, size=1, count=1, data=11\) "
                                                r"raised RuntimeError: device on fire") as info:
             m.run(timeout=10)
     assert isinstance(info.value.__cause__, RuntimeError)
