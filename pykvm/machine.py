@@ -305,12 +305,14 @@ class Machine:
     def add_pc_devices(self, serial: BinaryIO | None = None, *, cmdline: str = "", tables: bool = True):
         """The PC devices small kernels expect: a 16550 UART on COM1 (IRQ 4, output to ``serial``),
         isa-debug-exit on port 0xf4, fw_cfg (RAM size, CPUs, command line; DMA into guest memory),
-        the CMOS/RTC with the memory size, and the i8042's reset line; with ``tables``, ACPI and MP
-        tables in the BIOS area that describe the CPUs and the IOAPIC. Returns the UART."""
+        the CMOS/RTC with the memory size, the i8042's reset line, and the POST-code port 0x80;
+        with ``tables``, ACPI and MP tables in the BIOS area that describe the CPUs and the IOAPIC.
+        Returns the UART."""
         from .devices.cmos import Cmos
         from .devices.debug_exit import DebugExit
         from .devices.fw_cfg import FwCfg
         from .devices.i8042 import I8042
+        from .devices.postcode import PostCode
         from .devices.uart import Uart16550
         from .x86.acpi import build_acpi
         from .x86.mptable import build_mptable
@@ -320,7 +322,7 @@ class Machine:
         fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
         if cmdline:
             fw_cfg.set_cmdline(cmdline)
-        for device in (uart, DebugExit(), fw_cfg, Cmos(below_4g=self.ram.size, ncpus=ncpus), I8042()):
+        for device in (uart, DebugExit(), fw_cfg, Cmos(below_4g=self.ram.size, ncpus=ncpus), I8042(), PostCode()):
             self.add_device(device)
         if tables:
             build_acpi(ncpus).write(self.memory)
