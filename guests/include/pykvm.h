@@ -114,7 +114,8 @@
 .Lpykvm_puts_end\@:
 .endm
 
-/* Issue call `nr` (PYKVM_CALL_*); the argument registers must already be loaded. */
+/* Issue call `nr` (PYKVM_CALL_*); the argument registers must already be loaded.
+ * Clobbers EAX and DX (and the macros below load EBX, ECX, ESI as their arguments say). */
 .macro PYKVM_CALL nr
 	movl	$(\nr), %eax
 	movw	$PYKVM_CALL_PORT, %dx
