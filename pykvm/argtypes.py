@@ -4,6 +4,7 @@ one line that names what was expected."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import Callable
 
@@ -19,6 +20,8 @@ def number(kind: type = int, *, minimum=None, maximum=None, what: str = "a numbe
             value = int(text, 0) if kind is int else kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r} (must be finite)")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
         if maximum is not None and value > maximum:

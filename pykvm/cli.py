@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve gdb's remote protocol (gdb: target remote HOST:PORT); each vCPU is a thread")
     run.add_argument("--wait-gdb", action="store_true", help="with --gdb: hold the guest until gdb attaches")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
-    run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=255, what="a CPU count"), default=1,
+    run.add_argument("--smp", type=argtypes.number(int, minimum=1, maximum=15, what="a CPU count (1-15)"), default=1,
                      metavar="N", help="vCPUs (each a thread; needs the irqchip)")
     run.add_argument("--irqchip", nargs="?", const="kernel", choices=("kernel", "split"),
                      help="interrupt controllers: kernel = KVM's PIC, IOAPIC, LAPICs and PIT (the default for "
@@ -316,7 +316,15 @@ def cmd_run(args) -> int:
     if args.load is not None and args.load >= args.mem:
         raise ImageError(f"load address {args.load:#x} is outside guest memory (0-{args.mem:#x})")
     default_load = Mode(mode).default_load if mode else layout.PROTECTED_LOAD
-    image = read_image(path, args.mem - (default_load if args.load is None else args.load))
+    if args.mem < layout.MIN_MEM_SIZE or args.mem % layout.PAGE_SIZE:
+        raise ValueError(f"--mem must be a multiple of 4 KiB and at least {layout.MIN_MEM_SIZE >> 20} MiB, "
+                         f"not {args.mem:#x}")
+    image = read_image(path, args.mem)  # ELF and multiboot loaders check their segments themselves
+    if detect_image(image, name=path) == "flat":
+        room = args.mem - (default_load if args.load is None else args.load)
+        if len(image) > room:
+            raise ImageError(f"{path}: the image ({len(image)} bytes) is larger than the {room} bytes of guest "
+                             "memory it must fit in")
     modules = _read_modules(args.module)
     if args.smp < 1:
         raise ValueError(f"--smp must be at least 1, not {args.smp}")
@@ -440,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvmError as e:
         _error(str(e))
         return EXIT_FAILURE
+    except OSError as e:  # a file or address named on the command line that cannot be used
+        _error(str(e))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error("interrupted")
         return EXIT_INTERRUPTED

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -22,24 +23,31 @@ class ImageError(ValueError):
 
 
 def read_image(path: str | os.PathLike, limit: int) -> bytes:
-    """The bytes of an image file, at most ``limit`` long; raises ImageError with a one-line reason."""
+    """The bytes of a regular image file of at most ``limit`` bytes; raises ImageError with a
+    one-line reason (a FIFO or device is refused without blocking on it)."""
     p = Path(path)
     try:
-        if p.is_dir():
-            raise ImageError(f"{p}: is a directory, not a guest image")
-        with open(p, "rb") as f:
-            data = f.read(limit + 1)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageError(f"{p}: is a directory, not a guest image")
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"{p}: is not a regular file (a device, FIFO or socket), not a guest image")
+            if st.st_size > limit:
+                raise ImageError(f"{p}: the image ({st.st_size} bytes) is larger than the {max(limit, 0)} bytes "
+                                 "of guest memory it must fit in")
+            data = f.read(st.st_size)
     except FileNotFoundError:
         raise ImageError(f"{p}: no such guest image") from None
     except PermissionError:
         raise ImageError(f"{p}: permission denied") from None
+    except IsADirectoryError:
+        raise ImageError(f"{p}: is a directory, not a guest image") from None
     except OSError as e:
         raise ImageError(f"{p}: cannot read: {e.strerror}") from None
     if not data:
         raise ImageError(f"{p}: the image is empty")
-    if len(data) > limit:
-        size = p.stat().st_size
-        raise ImageError(f"{p}: the image ({size} bytes) is larger than the {limit} bytes of guest memory it must fit in")
     return data
 
 

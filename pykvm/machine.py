@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -266,8 +265,14 @@ class Machine:
     def load_flat(self, image: bytes, mode: Mode | str = Mode.LONG, *, load: int | None = None,
                   entry: int | None = None, la57: bool = False) -> None:
         """Load a flat image and set the vCPU up to enter it (defaults: the mode's load address)."""
+        from .loaders import system_ranges
+
         mode = Mode(mode)
         load = mode.default_load if load is None else load
+        for r in system_ranges(mode):  # the set-up writes its tables after the image: they may not meet
+            if load < r.end and r.start < load + len(image):
+                raise ValueError(f"an image at {load:#x}-{load + len(image):#x} would overlap pykvm's {mode.value}-mode "
+                                 f"system tables at {r.start:#x}-{r.end:#x}; load it elsewhere (--load)")
         self.load(image, load)
         self.setup(mode, load if entry is None else entry, la57=la57)
 
@@ -279,7 +284,7 @@ class Machine:
         args)``), an ELF executable at its physical segment addresses (entered in long mode if it is
         ELF64, else protected mode, unless ``mode`` says otherwise), a flat image at ``load``.
         Returns the format: "multiboot", "elf" or "flat"."""
-        from .loaders import detect_image, load_elf, load_multiboot, setup_multiboot, system_ranges
+        from .loaders import detect_image, load_elf, load_multiboot, parse_elf, setup_multiboot, system_ranges
 
         kind = detect_image(data, name=path)
         if kind != "multiboot" and (cmdline or modules):
@@ -294,9 +299,8 @@ class Machine:
         elif kind == "elf":
             if load is not None:
                 raise ValueError(f"{path}: an ELF image is loaded at its own segment addresses (drop --load)")
-            mode = Mode(mode) if mode else None
+            mode = Mode(mode) if mode else (Mode.LONG if parse_elf(data, name=path).bits == 64 else Mode.PROTECTED)
             image = load_elf(self.memory, data, name=path, reserved=system_ranges(mode))
-            mode = mode or (Mode.LONG if image.bits == 64 else Mode.PROTECTED)
             self.setup(mode, image.entry if entry is None else entry, la57=la57)
         else:
             self.load_flat(data, mode or Mode.LONG, load=load, entry=entry, la57=la57)
@@ -371,8 +375,9 @@ class Machine:
         self.vm.register_coalesced_mmio(addr, size, pio=pio)
         self._coalesced = True
 
-    def _drain_coalesced(self, vcpu, stats: ExitStats) -> None:
-        """Hand every write waiting in the coalesced ring to its handler, oldest first."""
+    def _drain_coalesced(self, vcpu, stats: ExitStats):
+        """Hand every write waiting in the coalesced ring to its handler, oldest first; returns the
+        first Outcome a handler gives (the rest of the ring stays for the next drain)."""
         ring = vcpu.coalesced_ring
         slots = (layout.PAGE_SIZE - 8) // 24  # KVM_COALESCED_MMIO_MAX: entries of 24 bytes after first/last
         with self._ring_lock:  # one ring per VM, drained by whichever vCPU exits
@@ -381,12 +386,27 @@ class Machine:
                 data = bytes(entry.data[0 : min(entry.len, 8)])
                 exit = (exits.IoOut(entry.phys_addr, len(data), 1, data) if entry.pio
                         else exits.MmioWrite(entry.phys_addr, data))
-                handler, key = self._route(exit)
-                if handler is None:
-                    self._unexpected(exit, vcpu)
-                handler(exit, vcpu)
-                stats.add(key + COALESCED, 0.0)
                 ring.first = (ring.first + 1) % slots
+                handler, key = self._route(exit)
+                result = self._handle(handler, exit, vcpu)
+                stats.add(key + COALESCED, 0.0)
+                if result is not None:
+                    return result
+        return None
+
+    def _handle(self, handler, exit, vcpu):
+        """Call ``handler`` for ``exit``: its result, or a HandlerError naming the exit if it raises."""
+        if handler is None:
+            self._unexpected(exit, vcpu)
+        try:
+            return handler(exit, vcpu)
+        except GuestError:
+            raise
+        except Exception as e:
+            raise HandlerError(
+                f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
+                CpuState.capture(vcpu, self.memory), exit,
+            ) from e
 
     def on_msr(self, index: int, read: Callable | None = None, write: Callable | None = None) -> None:
         """Emulate MSR ``index`` in Python: ``read(vcpu) -> value`` and ``write(vcpu, value)``.
@@ -557,7 +577,9 @@ class Machine:
         while True:
             exit = run()
             if self._coalesced:
-                self._drain_coalesced(vcpu, stats)
+                result = self._drain_coalesced(vcpu, stats)
+                if result is not None:
+                    return result
             if finished.is_set():
                 if self._stop_reason:
                     raise GuestTimeout(self._stop_reason, CpuState.capture(vcpu, self.memory), exit)
@@ -572,17 +594,7 @@ class Machine:
             start = clock()
             if trace is not None:
                 trace(exit)
-            if handler is None:
-                self._unexpected(exit, vcpu)
-            try:
-                result = handler(exit, vcpu)
-            except GuestError:
-                raise
-            except Exception as e:
-                raise HandlerError(
-                    f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
-                    CpuState.capture(vcpu, self.memory), exit,
-                ) from e
+            result = self._handle(handler, exit, vcpu)
             stats.add(key, clock() - start)
             if result is not None:
                 return result
@@ -635,14 +647,17 @@ class Machine:
             stream = self.debugcon.output.stream
             if stream is not None:
                 stream.flush()
+        run_stats = ExitStats()
         for s in stats:
-            self.stats.merge(s)
+            run_stats.merge(s)
+        self.stats.merge(run_stats)
         self.kvm_stats = {k: v - before.get(k, 0) for k, v in self._kvm_counters().items() if v != before.get(k, 0)}
         first = results[0] if results else GuestTimeout(self._stop_reason or "stopped",
                                                        CpuState.capture(self.vcpu, self.memory))
         if isinstance(first, BaseException):
             raise first
-        return dataclasses.replace(first, exits=self.exit_count, seconds=time.monotonic() - start)
+        exits_this_run = sum(n for key, n in run_stats.count.items() if not key.endswith(COALESCED))
+        return dataclasses.replace(first, exits=exits_this_run, seconds=time.monotonic() - start)
 
     @property
     def exit_count(self) -> int:
@@ -667,6 +682,3 @@ def _absent(exit, vcpu) -> None:
     if isinstance(exit, exits.IoIn):
         exit.reply(-1)
 
-
-def default_console() -> BinaryIO:
-    return sys.stdout.buffer

@@ -153,7 +153,9 @@ class Kvm(FdObject):
         return get_list(self, "KVM_GET_MSR_FEATURE_INDEX_LIST", "struct kvm_msr_list", "nmsrs", "indices", 64)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """Values of feature MSRs; MSRs KVM does not offer are left out. Wraps ``KVM_GET_MSRS``."""
+        """Values of feature MSRs, up to the first one KVM does not offer (the rest are left out).
+
+        Wraps ``KVM_GET_MSRS``."""
         buf = msrs_struct(indices)
         done = self._ioctl("KVM_GET_MSRS", buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}

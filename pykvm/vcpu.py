@@ -23,7 +23,7 @@ KICK_SIGNAL = signal.SIGRTMIN + 5
 def _install_kick_handler() -> bool:
     """Make KICK_SIGNAL harmless so that it only interrupts KVM_RUN (EINTR). Python lets only the
     main thread install handlers; returns whether one is in place."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):  # ignored survives exec
         if threading.current_thread() is not threading.main_thread():
             return False
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
@@ -190,7 +190,7 @@ class Vcpu(FdObject):
 
     # ---- MSRs and CPUID -----------------------------------------------------------------------
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        """Values of ``indices``; the ones KVM refuses are left out. Wraps ``KVM_GET_MSRS``."""
+        """Values of ``indices``, up to the first MSR KVM refuses (the rest are left out). Wraps ``KVM_GET_MSRS``."""
         buf = msrs_struct(indices)
         done = self._ioctl("KVM_GET_MSRS", buf)
         return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
@@ -260,7 +260,8 @@ class Vcpu(FdObject):
             try:
                 run_map.close()
             except BufferError:
-                pass  # an exit's data view is still held: the page is unmapped when it goes
+                pass  # an exit's data view is still held: the mapping goes with the last view
+            self._run_map = self._page = None
         super().close()
 
 

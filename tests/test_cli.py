@@ -133,13 +133,20 @@ def test_unmapped_write_is_reported(built):
     "args, message",
     [
         (["nonexistent.bin"], "nonexistent.bin: no such guest image"),
-        (["/dev/null"], "/dev/null: the image is empty"),
+        (["/dev/null"], "/dev/null: is not a regular file (a device, FIFO or socket), not a guest image"),
         (["."], ".: is a directory, not a guest image"),
     ],
 )
 def test_bad_images_give_one_line_and_exit_two(args, message, capsys):
     assert main(["run", *args]) == 2
     assert capsys.readouterr().err == f"pykvm: error: {message}\n"
+
+
+def test_empty_image(tmp_path, capsys):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert main(["run", str(empty)]) == 2
+    assert capsys.readouterr().err == f"pykvm: error: {empty}: the image is empty\n"
 
 
 def test_oversized_image(tmp_path, capsys):

@@ -154,3 +154,28 @@ def test_a_flooding_console_stays_bounded(guest):
 def test_smp_needs_the_irqchip():
     with pytest.raises(ValueError, match="more than 1 needs the in-kernel irqchip"):
         Machine(cpus=2)
+
+
+def test_a_coalesced_write_can_end_the_run_or_raise(guest):
+    from pykvm.outcome import Outcome
+
+    def ends_at_five(exit, vcpu):
+        return Outcome(7) if exit.value == 5 else None
+
+    with Machine() as m:
+        m.on_mmio(layout.MMIO_WINDOW, 4, ends_at_five, name="register")
+        m.on_port(layout.TEST_PORT, lambda exit, vcpu: None, name="port")
+        m.coalesce_mmio(layout.MMIO_WINDOW, 4)
+        m.load_flat(guest("coalesced"), "long")
+        assert m.run(timeout=10).status == 7
+
+    def broken(exit, vcpu):
+        raise RuntimeError("device on fire")
+
+    with Machine() as m:
+        m.on_mmio(layout.MMIO_WINDOW, 4, broken, name="register")
+        m.on_port(layout.TEST_PORT, lambda exit, vcpu: None, name="port")
+        m.coalesce_mmio(layout.MMIO_WINDOW, 4)
+        m.load_flat(guest("coalesced"), "long")
+        with pytest.raises(HandlerError, match=r"the handler for MmioWrite\(gpa=0xd0000000, data=01000000\) raised"):
+            m.run(timeout=10)

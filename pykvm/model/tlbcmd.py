@@ -49,16 +49,7 @@ policies:
 _count = argtypes.number(int, minimum=0, what="a whole number")
 _positive = argtypes.number(int, minimum=1, what="a whole number")
 _fraction = argtypes.number(float, minimum=0.0, maximum=1.0, what="a number")
-
-
-def _exponent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-    return value
+_exponent = argtypes.number(float, minimum=0.0, what="a number")
 
 
 def _rates(text: str) -> tuple[int, ...]:

@@ -365,7 +365,7 @@ class Workload:
         """Zipf weights for n pages in a random rank order."""
         ranks = list(range(1, n + 1))
         rng.shuffle(ranks)
-        return [1.0 / r ** self.zipf for r in ranks]
+        return [r ** -self.zipf for r in ranks]  # underflows to 0.0 for a huge exponent instead of overflowing
 
     def generate(self) -> Trace:
         """The trace (deterministic for the parameters, ``seed`` included)."""

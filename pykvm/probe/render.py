@@ -42,7 +42,7 @@ def render_cpu(report: ProbeReport) -> list[Table]:
         ("LA57 (5-level paging)", yes_no(s.la57)),
         ("1 GiB pages", yes_no(s.pdpe1gb)),
         ("NX", yes_no(s.nx)),
-        ("address bits (phys / linear)", f"{s.phys_addr_bits} / {s.linear_addr_bits}"),
+        ("address bits (phys / linear)", " / ".join("?" if b is None else str(b) for b in (s.phys_addr_bits, s.linear_addr_bits))),
     ]
     return [_kv_table("CPU", rows)]
 
