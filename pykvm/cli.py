@@ -1,4 +1,4 @@
-"""The ``pykvm`` command line: ``pykvm run`` (and the commands later issues add)."""
+"""The ``pykvm`` command line: ``pykvm run``, ``probe``, ``compare`` and ``tlb``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 from . import argtypes, exits
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
@@ -64,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     run = sub.add_parser(
         "run",
-        help="run a flat guest image",
-        description="Run a flat guest image under /dev/kvm; the guest console goes to stdout.",
+        help="run a guest image (flat, ELF or multiboot)",
+        description="Run a guest image under /dev/kvm (flat binary, ELF or multiboot kernel, told apart by "
+                    "content); the guest console and COM1 go to stdout.",
         epilog=RUN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("image", nargs="?", help=f"a flat binary (default: the built-in {DEFAULT_GUEST} guest)")
+    run.add_argument("image", nargs="?", help=f"a flat binary, ELF or multiboot image (default: the built-in "
+                                                f"{DEFAULT_GUEST} guest)")
     run.add_argument("--mode", choices=[m.value for m in Mode], default=None,
                      help="CPU mode the guest starts in (default: long; real for an image ending in _real.bin)")
     run.add_argument("--la57", action="store_true", help="5-level paging in long mode (where the host has LA57)")
@@ -197,8 +200,10 @@ def _feed_stdin(uart) -> None:
             if not data:
                 return
             while data:
-                room = uart.wait_for_space(None)
-                data = data[uart.feed(data[:room]):]
+                taken = uart.feed(data[: uart.wait_for_space(None)])
+                if not taken:
+                    time.sleep(0.05)  # the receiver takes nothing (loopback mode): do not spin
+                data = data[taken:]
 
     threading.Thread(target=pump, name="uart-stdin", daemon=True).start()
 

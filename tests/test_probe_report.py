@@ -227,3 +227,16 @@ def test_compare_from_a_dump(capsys):
     assert doc["asids"] == 32768
     assert rows["nested_paging"]["amd_support"] is True and rows["nested_paging"]["intel_support"] is False
     assert rows["apic"]["amd_support"] is True  # AVIC
+
+
+def test_a_dump_without_vmx_msrs_leaves_ept_and_vpid_unknown(tmp_path, capsys):
+    dump = tmp_path / "cpuid_r.txt"  # `cpuid -r` output: CPUID only, no MSRs
+    dump.write_text("CPU 0:\n"
+                    "   0x00000000 0x00: eax=0x0000000d ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69\n"
+                    "   0x00000001 0x00: eax=0x000306f2 ebx=0x00000800 ecx=0x00000020 edx=0x00000000\n")
+    code, doc = probe_json(capsys, "--from-dump", str(dump))
+    verdict = doc["verdict"]
+    assert code == 0 and verdict["acceleration"] == "VT-x" and verdict["features_known"] is False
+    assert not any(f["level"] == "warn" for f in verdict["findings"])
+    assert main(["probe", "--from-dump", str(dump), "--section", "cpu"]) == 0
+    assert "unknown (not in the dump)" in capsys.readouterr().out

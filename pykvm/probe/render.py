@@ -152,8 +152,9 @@ def render_verdict(report: ProbeReport) -> Table:
     table.add_row("can run KVM guests", usable)
     table.add_row("acceleration", v.acceleration or "[red]none[/]")
     table.add_row("nested virtualization", yes_no(v.nested))
-    table.add_row("second-level paging", v.second_level_paging or "none (shadow paging)")
-    table.add_row("TLB tagging", v.tlb_tagging or "none (flush on every world switch)")
+    unknown = "[dim]unknown (not in the dump)[/]"
+    table.add_row("second-level paging", v.second_level_paging or ("none (shadow paging)" if v.features_known else unknown))
+    table.add_row("TLB tagging", v.tlb_tagging or ("none (flush on every world switch)" if v.features_known else unknown))
     for f in v.findings:
         text = f"[{STYLE[f.level]}]{f.level}[/] {f.message}" + (f"\n   [bold]fix:[/] {f.fix}" if f.fix else "")
         table.add_row(f.topic, text)

@@ -53,6 +53,7 @@ class Verdict:
     second_level_paging: str | None  # "EPT", "NPT", or None (shadow paging)
     tlb_tagging: str | None  # "VPID", "ASID", or None
     findings: tuple[Finding, ...]
+    features_known: bool = True  # False: a dump without the VMX MSRs / SVM leaf says nothing of EPT/NPT, VPID/ASID
 
     @property
     def exit_code(self) -> int:
@@ -67,6 +68,7 @@ class Verdict:
             "nested": self.nested,
             "second_level_paging": self.second_level_paging,
             "tlb_tagging": self.tlb_tagging,
+            "features_known": self.features_known,
             "exit_code": self.exit_code,
             "findings": [f.to_json() for f in self.findings],
         }
@@ -197,10 +199,15 @@ def _judge_cpu(cpu: CpuidSummary | None, caps: VmxCapabilities | None, svm: SvmI
     findings = []
     if ext is None:
         findings.append(Finding(FAIL, "cpu", "the dumped CPU has neither VT-x (VMX) nor AMD-V (SVM)"))
-    else:
-        findings.append(Finding(OK, "cpu", f"the dumped CPU has {ext}"))
-        findings.append(_paging_finding(ext, paging, "the dumped CPU"))
-        findings.append(_tagging_finding(ext, tagging, svm, "the dumped CPU"))
+        return Verdict(None, ext, None, paging, tagging, tuple(findings))
+    findings.append(Finding(OK, "cpu", f"the dumped CPU has {ext}"))
+    if (ext == "VT-x" and caps is None) or (ext == "AMD-V" and svm is None):
+        what = "VMX capability MSRs" if ext == "VT-x" else "SVM leaf 0x8000000A"
+        findings.append(Finding(INFO, "features", f"the dump has no {what}: second-level paging and TLB "
+                                                  "tagging cannot be told from it"))
+        return Verdict(None, ext, None, None, None, tuple(findings), features_known=False)
+    findings.append(_paging_finding(ext, paging, "the dumped CPU"))
+    findings.append(_tagging_finding(ext, tagging, svm, "the dumped CPU"))
     return Verdict(None, ext, None, paging, tagging, tuple(findings))
 
 
