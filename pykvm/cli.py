@@ -436,29 +436,32 @@ def cmd_compare(args) -> int:
     return EXIT_OK
 
 
+def _fail(args, error: BaseException, message: str, code: int) -> int:
+    """Say why the command could not run: one line on stderr, and with --json the one document."""
+    _error(message)
+    if getattr(args, "json", False):
+        print(json.dumps({"result": "error", "status": code,
+                          "error": {"kind": type(error).__name__, "message": message}}, indent=2))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KvmUnavailableError as e:
-        _error(e.strerror)
-        return EXIT_UNAVAILABLE
+        return _fail(args, e, e.strerror, EXIT_UNAVAILABLE)
     except KvmUnsupportedError as e:
-        _error(str(e))
-        return EXIT_UNAVAILABLE
+        return _fail(args, e, str(e), EXIT_UNAVAILABLE)
     except ValueError as e:  # a bad image or argument (ImageError is one), refused before any guest ran
-        _error(str(e))
-        return EXIT_USAGE
+        return _fail(args, e, str(e), EXIT_USAGE)
     except KvmError as e:
-        _error(str(e))
-        return EXIT_FAILURE
+        return _fail(args, e, str(e), EXIT_FAILURE)
     except OSError as e:  # a file or address named on the command line that cannot be used
-        _error(str(e))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return EXIT_INTERRUPTED
+        return _fail(args, e, str(e), EXIT_USAGE)
+    except KeyboardInterrupt as e:
+        return _fail(args, e, "interrupted", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

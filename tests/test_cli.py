@@ -280,3 +280,11 @@ def test_gdb_attaches_to_pykvm_run(built):
 def test_gdb_and_trace_do_not_mix(capsys):
     assert main(["run", "--gdb", ":1234", "--trace"]) == 2
     assert "use one at a time" in capsys.readouterr().err
+
+
+def test_json_errors_are_one_document_too(capsys):
+    assert main(["run", "/nonexistent/image.bin", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"result": "error", "status": 2, "error": {
+        "kind": "ImageError", "message": "/nonexistent/image.bin: no such guest image"}}
+    assert err == "pykvm: error: /nonexistent/image.bin: no such guest image\n"

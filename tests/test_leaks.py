@@ -49,3 +49,20 @@ def test_closing_twice_and_closing_a_vm_with_live_exit_views_is_safe(guest):
     m.close()
     assert proc.num_fds() == before
     assert exit.data == b"H"
+
+
+def test_an_exit_view_held_past_close_keeps_no_fd_once_dropped(guest):
+    """An IoIn's data is a view into kvm_run: closing the VM while it is held must not leak the
+    mapping (and the vCPU fd it pins) once the view is gone."""
+    proc = psutil.Process()
+    gc.collect()
+    before = proc.num_fds()
+    m = Machine()
+    m.load_flat(guest("io"), "protected")
+    exit = m.vcpu.run()
+    while not hasattr(exit, "reply"):  # run up to the first IoIn
+        exit = m.vcpu.run()
+    m.close()
+    del exit
+    gc.collect()
+    assert proc.num_fds() == before
