@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
 
-from .vmcs import Rule, Violation, _Out, _rules
+from .vmcs import Rule, Violation, _check_pat, _Out, _rules
 
 __all__ = [
     "BITFIELDS",
@@ -482,7 +482,6 @@ _CR4_MBZ = _U64 & ~(0xFFF | 1 << 12 | 0b111 << 16 | 0b1111 << 20)
 # EFER bits AMD64 defines: SCE 0, LME 8, LMA 10, NXE 11, SVME 12, LMSLE 13, FFXSR 14, TCE 15,
 # MCOMMIT 17, INTWB 18, UAIE 20, AIBRSE 21.
 _EFER_MBZ = _U64 & ~(1 | 1 << 8 | 0b111111 << 10 | 0b11 << 17 | 0b11 << 20)
-_PAT_TYPES = {0, 1, 4, 5, 6, 7}
 _MSRPM_SIZE, _IOPM_SIZE = 8 * 1024, 12 * 1024
 
 
@@ -544,12 +543,7 @@ def check_vmcb(image: VmcbImage, *, maxphyaddr: int = 52) -> list[Violation]:
     if asid == 0:
         out.add("asid.zero", "GUEST_ASID", "the guest ASID is 0 (the host's)", 0)
     if get("NESTED_CTL") & NP_ENABLE:
-        gpat = get("G_PAT")
-        for i in range(8):
-            t = gpat >> (8 * i) & 0xFF
-            if t not in _PAT_TYPES:
-                out.add("gpat", "G_PAT", f"G_PAT entry {i} holds {t}, not a valid memory type",
-                        gpat)
+        _check_pat(out, "gpat", "G_PAT", get("G_PAT"), "G_PAT")
     data = image.to_bytes()
     for start, end in RESERVED_RANGES:
         chunk = data[start:end]

@@ -1273,11 +1273,12 @@ def _check_fixed(out: _Out, rule_id: str, field_name: str, value: int, must: int
         out.add(rule_id, field_name, f"{bit_name(bit)} is 1 but {source} requires 0", value)
 
 
-def _check_pat(out: _Out, rule_id: str, field_name: str, pat: int) -> None:
+def _check_pat(out: _Out, rule_id: str, field_name: str, pat: int, what: str = "PAT") -> None:
+    """Each of the 8 bytes of a PAT value must be a memory type (0, 1, 4-7); shared with the VMCB's G_PAT."""
     for i in range(8):
         t = pat >> (8 * i) & 0xFF
         if t not in _PAT_TYPES:
-            out.add(rule_id, field_name, f"PAT entry {i} holds {t}, not a valid memory type", pat)
+            out.add(rule_id, field_name, f"{what} entry {i} holds {t}, not a valid memory type", pat)
 
 
 def _check_host(out: _Out, image: VmcsImage, caps: VmxCapabilities | None, phys: int, lin: int,
