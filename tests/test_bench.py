@@ -51,3 +51,15 @@ def test_every_kind_reports_positive_numbers():
     for saving in doc["without_exits"].values():
         assert all(value > 0 for value in saving["times_cheaper"].values())
     assert doc["machine_run_fixed_ns"] > 0
+
+
+def test_bench_tlb_runs_and_reports_every_policy():
+    """scripts/bench_tlb.py on a small trace: one JSON document, a positive time for each variant."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tlb.py"), "-n", "20000", "-r", "1",
+                             "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    variants = json.loads(result.stdout)["variants"]
+    assert set(variants) == {"bare", "untagged", "tagged", "tagged+pcid"}
+    for name, v in variants.items():
+        assert v["median_seconds"] > 0 and v["ratio_to_bare"] > 0
+        assert (v["miss_rate"] is None) == (name == "bare")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pykvm.probe.cpuid import summarize
+from pykvm.probe.cpuid import summarize, vendor
 from pykvm.probe.dump import DumpFormatError, NotADumpError, looks_like_dump, parse_dump, read_dump
 from pykvm.probe.svm import decode_svm
 from pykvm.probe.vmx import decode_vmx
@@ -178,3 +178,22 @@ def test_round_trip(cpus: dict[int, dict[tuple[int, int], tuple[int, int, int, i
             lines.append(f"   0x{leaf:08x} 0x{sub:02x}: {regs}")
     dump = parse_dump("\n".join(lines))
     assert {cpu.index: dict(cpu.cpuid) for cpu in dump.cpus} == cpus
+
+
+def test_live_cpuid_r_output_parses_and_matches_the_host() -> None:
+    """`cpuid -1 -r` on this machine: pykvm parses it and agrees with its own CPUID of the host."""
+    import shutil
+    import subprocess
+
+    from pykvm.probe.hostcpu import host_cpuid
+
+    if shutil.which("cpuid") is None:
+        pytest.skip("the cpuid tool is not installed (apt-get install cpuid)")
+    text = subprocess.run(["cpuid", "-1", "-r"], capture_output=True, text=True, check=True, timeout=60).stdout
+    live = parse_dump(text, "cpuid -1 -r")
+    table, _, error = host_cpuid()
+    assert error is None and table is not None
+    assert vendor(live.cpuid) == vendor(table)
+    for leaf in (0x0, 0x7, 0x80000000, 0x80000001, 0x8000000A):  # no per-CPU fields in these
+        if (leaf, 0) in table:
+            assert live.cpuid[(leaf, 0)] == table[(leaf, 0)], hex(leaf)
