@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pykvm import argtypes  # noqa: E402
 from pykvm.exits import Hlt, IoIn, IoOut, MmioRead, MmioWrite, X86Rdmsr, X86Wrmsr  # noqa: E402
 from pykvm.ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError  # noqa: E402
 from pykvm.machine import GuestError, Machine, describe_exit  # noqa: E402
@@ -569,21 +570,8 @@ def print_tables(doc: dict) -> None:
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _iterations(text: str) -> int:
-    value = _positive(text)
-    if value > 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError("the guest counts in 32 bits: at most 4294967295")
-    return value
+_positive = argtypes.number(int, minimum=1, what="an integer")
+_iterations = argtypes.number(int, minimum=1, maximum=0xFFFFFFFF, what="an integer (the guest counts in 32 bits)")
 
 
 def _kinds(text: str) -> list[Kind]:

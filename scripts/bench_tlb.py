@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pykvm import argtypes  # noqa: E402
 from pykvm.model.tlb import Policy, TLBConfig, replay  # noqa: E402
 from pykvm.model.workload import Workload  # noqa: E402
 
@@ -127,14 +128,7 @@ def print_table(doc: dict) -> None:
     console.print(f"generating the trace took {doc['generate_seconds']:.3f} s (once, not in the table)", highlight=False)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""), 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
+_positive = argtypes.number(int, minimum=1, what="a whole number")
 
 
 def build_parser() -> argparse.ArgumentParser:

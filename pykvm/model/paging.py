@@ -68,7 +68,8 @@ PAT_4K = 1 << 7  # PAT index bit 2 in a PTE (same position as PS)
 G = 1 << 8  # global (leaf entries)
 PAT_LARGE = 1 << 12  # PAT index bit 2 in a large-page entry
 XD = 1 << 63  # execute-disable (PAE and 4/5-level paging, with EFER.NXE)
-PAE_PDPTE_ALLOWED = P | PWT | PCD  # a PAE PDPTE may set only these (plus the address and ignored 11:9)
+# Bits 2:1 and 8:5 of a PAE PDPTE are reserved: it may set only P, PWT, PCD (plus the address and ignored 11:9).
+PAE_PDPTE_RESERVED = 0x1E6
 
 # ---- EPT entries (SDM Vol. 3C 29.3.2, Tables 29-1 .. 29-6; Linux VMX_EPT_*) -------------------
 EPT_R = 1 << 0
@@ -1029,7 +1030,7 @@ def _x86_reserved(fmt: Format, level: int, v: int, *, maxphyaddr: int, nxe: bool
             checks.append((_bits(20, 13 + m - 32), f"PDE address bits above MAXPHYADDR ({m})"))
     elif fmt is PAE:
         if level == 3:
-            checks.append((_bits(2, 1) | _bits(8, 5), "bits 2:1 and 8:5 of a PAE PDPTE are reserved"))
+            checks.append((PAE_PDPTE_RESERVED, "bits 2:1 and 8:5 of a PAE PDPTE are reserved"))
             checks.append((_bits(63, min(maxphyaddr, 52)), f"bits 63:{min(maxphyaddr, 52)} (above MAXPHYADDR) of a PAE PDPTE"))
         else:
             checks.append((_bits(62, min(maxphyaddr, 52)), f"bits 62:{min(maxphyaddr, 52)} (above MAXPHYADDR) are reserved in PAE paging"))

@@ -45,7 +45,9 @@ from ..probe.vmx import (  # bit names shared with the probe
     ControlGroup,
     ControlMsr,
     VmxCapabilities,
+    _bits,
 )
+from .paging import PAE_PDPTE_RESERVED
 
 __all__ = [
     "VMCS_FIELDS",
@@ -872,10 +874,6 @@ class _Out:
         self.items.append(Violation(rule_id, section, message, field_name, value))
 
 
-def _bits(mask: int) -> list[int]:
-    return [b for b in range(mask.bit_length()) if mask >> b & 1]
-
-
 def control_bit(group: ControlGroup | str, name: str) -> int:
     """The mask of the control called ``name`` (its SDM name, as in
     :data:`pykvm.probe.vmx.CONTROL_NAMES`) in ``group``."""
@@ -1537,7 +1535,7 @@ def _check_guest(out: _Out, image: VmcsImage, caps: VmxCapabilities | None, phys
 
     # 27.3.1.6 PDPTEs (checked from the VMCS only when EPT is on)
     if proc2 & PROC2_EPT and cr0 & CR0_PG and cr4 & CR4_PAE and not ia32e:
-        reserved = (_U64 & ~((1 << phys) - 1)) | 0b110 | 0x1E0
+        reserved = (_U64 & ~((1 << phys) - 1)) | PAE_PDPTE_RESERVED
         for i in range(4):
             n = f"GUEST_PDPTR{i}"
             pdpte = get(n)
