@@ -1,4 +1,4 @@
-"""The ``pykvm`` command line: ``pykvm run``, ``probe``, ``compare`` and ``tlb``."""
+"""The ``pykvm`` command line: ``pykvm run``, ``probe``, ``compare``, ``tlb`` and ``nested``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .model import tlbcmd
 
     tlbcmd.add_parser(sub)
+    from .nested import cli as nested_cli
+
+    nested_cli.add_parser(sub)
     return parser
 
 

@@ -70,21 +70,29 @@ def guest_image(name: str = DEFAULT_GUEST) -> Path:
     if not (source / f"{name}.S").is_file():
         known = sorted(p.stem for p in source.glob("*.S"))
         raise ImageError(f"no built-in guest {name!r} (known: {', '.join(known)})")
+    return built(f"{name}.bin", what=f"guest {name}")
+
+
+def built(*names: str, what: str | None = None) -> Path:
+    """Path of the first of ``names`` (files make builds in the guests' build directory), building
+    them first if needed (an :class:`ImageError` if that is impossible or fails)."""
+    source = guests_dir()
     build = _build_dir(source)
-    target = build / f"{name}.bin"
+    targets = [build / n for n in names]
+    what = what or ", ".join(names)
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
-        if target.is_file():
-            return target
+        if all(t.is_file() for t in targets):
+            return targets[0]
         raise ImageError(
-            f"building guest {name} needs {', '.join(missing)}: install make, gcc and binutils "
+            f"building {what} needs {', '.join(missing)}: install make, gcc and binutils "
             "(apt-get install build-essential), or run `make guests` where they are"
         )
     build.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        ["make", "-s", "-C", str(source), f"BUILD={build}", str(target)], capture_output=True, text=True
+        ["make", "-s", "-C", str(source), f"BUILD={build}", *map(str, targets)], capture_output=True, text=True
     )
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
-        raise ImageError(f"building guest {name} failed: {detail[-1] if detail else 'make failed'}")
-    return target
+        raise ImageError(f"building {what} failed: {detail[-1] if detail else 'make failed'}")
+    return targets[0]

@@ -1,0 +1,100 @@
+"""The L1 hypervisors under pykvm itself, on this host's /dev/kvm.
+
+What runs everywhere: the L1 boots through multiboot (32-bit entry, its own switch to long mode),
+checks for its extension and reports through pykvm's UART and isa-debug-exit; a VT-x that the
+firmware locked off (IA32_FEATURE_CONTROL, emulated by a pykvm MSR handler) and an SVM disabled
+by VM_CR.SVMDIS are reported by name. The scenario itself needs a KVM that offers VMX or SVM to
+its guests (kvm_intel/kvm_amd with nested=1): elsewhere it skips, naming the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pykvm.cli import main
+from pykvm.nested import layout as L
+from pykvm.nested.run import run_scenario
+
+pytestmark = pytest.mark.kvm
+
+
+def _with_cpuid_bit(leaf: int, register: str, bit: int):
+    """A machine hook that turns a CPUID feature bit on for the guest."""
+
+    def hook(machine) -> None:
+        entries = machine.vcpu.get_cpuid2()
+        changed = []
+        for e in entries:
+            if e.function == leaf:
+                e = dataclasses.replace(e, **{register: getattr(e, register) | 1 << bit})
+            changed.append(e)
+        machine.vcpu.set_cpuid2(changed)
+
+    return hook
+
+
+def _hooks(*hooks):
+    def hook(machine) -> None:
+        for h in hooks:
+            h(machine)
+
+    return hook
+
+
+@pytest.mark.parametrize(("vendor", "code"), [("vmx", "no-vmx"), ("svm", "no-svm")])
+def test_the_l1_boots_under_pykvm_and_names_the_missing_extension(vendor, code, kvm_backend):
+    run = run_scenario(vendor, "pykvm", timeout=30)
+    r = run.report
+    if not run.no_extension:
+        pytest.skip(f"{kvm_backend} offers {vendor.upper()} to guests: the scenario tests cover it")
+    assert r.starts == 1 and r.cpu in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+    assert r.error[0] == code and "CPUID" in r.error[1]
+    assert r.status == L.STATUS_NO_EXTENSION == run.exit_status
+    assert not run.timed_out and run.blob is None  # stopped at the probe: nothing built
+
+
+def test_vmx_locked_off_by_feature_control_is_reported():
+    def feature_control(machine) -> None:
+        machine.on_msr(0x3A, read=lambda vcpu: 0x1)  # locked, VMX outside SMX off
+
+    run = run_scenario("vmx", "pykvm", timeout=30,
+                       machine_hook=_hooks(_with_cpuid_bit(1, "ecx", 5), feature_control))
+    assert run.report.error is not None, run.serial
+    code, text = run.report.error
+    assert code == "vmx-disabled" and "IA32_FEATURE_CONTROL" in text
+    assert run.no_extension and run.report.status == L.STATUS_NO_EXTENSION
+
+
+def test_svm_disabled_by_vm_cr_is_reported():
+    def vm_cr(machine) -> None:
+        machine.on_msr(0xC0010114, read=lambda vcpu: 1 << 4)  # SVMDIS
+
+    run = run_scenario("svm", "pykvm", timeout=30,
+                       machine_hook=_hooks(_with_cpuid_bit(0x8000_0001, "ecx", 2), vm_cr))
+    assert run.report.error is not None, run.serial
+    assert run.report.error[0] == "svm-disabled" and "SVMDIS" in run.report.error[1]
+
+
+def test_pykvm_nested_without_the_extension_exits_4_naming_the_backend(capsys, kvm_backend):
+    code = main(["nested", "--vendor", "vmx", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    if code == 0:
+        pytest.skip(f"{kvm_backend} runs the VMX scenario: nothing is missing")
+    assert code == 4 and doc["status"] == 4
+    assert "no VMX" in doc["error"]["message"]
+    if kvm_backend == "kvm_pvm":
+        assert "kvm_pvm, which offers neither VMX nor SVM" in doc["error"]["message"]
+
+
+@pytest.mark.parametrize("vendor", ["vmx", "svm"])
+def test_the_scenario_under_pykvm(vendor, kvm_backend):
+    run = run_scenario(vendor, "pykvm", timeout=120)
+    if run.no_extension:
+        pytest.skip(f"/dev/kvm is served by {kvm_backend}, which offers no {vendor.upper()} to its "
+                    f"guests (the L1 said: {run.report.error[1]}); tests/test_nested_reference.py "
+                    "runs this scenario on Bochs/QEMU")  # fmt: skip
+    assert run.problems() == [], run.serial
+    assert run.report.status == L.STATUS_DONE
