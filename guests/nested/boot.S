@@ -171,6 +171,7 @@ gdt:	.quad	0
 gdt_end:
 	.balign	8
 	.word	0
+	.globl	gdt_ptr
 gdt_ptr:
 	.word	gdt_end - gdt - 1
 	.quad	gdt

@@ -323,5 +323,9 @@ void l1_main(u32 magic, u32 info_addr)
 	report_kv("size", size);
 	report_kv("flags", blob->flags);
 	report_end();
+	/* The L2 runs with external-interrupt exiting and the L1 with IF=0: a PIC line the firmware
+	 * left unmasked would make every entry exit again at once. Nothing here needs IRQs. */
+	outb(0x21, 0xFF);
+	outb(0xA1, 0xFF);
 	l1_exit(vendor_main(blob, &opt));
 }

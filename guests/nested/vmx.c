@@ -277,7 +277,7 @@ u32 vendor_probe(void)
 
 /* ---- the scenario -------------------------------------------------------------------------- */
 
-extern u8 gdt[];
+extern u8 gdt_ptr[];
 extern u8 idt_ptr[];
 
 struct vmx_ctx {
@@ -319,8 +319,7 @@ static void report_vmfail(const char *what, int status)
  * IDTR limits back (a VM exit sets both to 0xFFFF). */
 static void vmx_leave(struct vmx_ctx *c)
 {
-	struct { u16 limit; u64 base; } __attribute__((packed)) gdtr = { 5 * 8 - 1, (u64)gdt };
-	__asm__ volatile("lgdt %0; lidt (%1)" : : "m"(gdtr), "r"(idt_ptr) : "memory");
+	__asm__ volatile("lgdt (%0); lidt (%1)" : : "r"(gdt_ptr), "r"(idt_ptr) : "memory");
 	if (c->vmcs_loaded) {
 		u64 pa = c->blob->vmcs_region;
 		int s = vmclear(pa);
@@ -364,12 +363,6 @@ static int advance_rip(void)
 	return vmwrite(GUEST_RIP, vmread(GUEST_RIP) + vmread(VM_EXIT_INSTRUCTION_LEN));
 }
 
-static void mask_pic(void)
-{
-	/* The L2 runs with external-interrupt exiting and the L1 with IF=0: an unmasked PIC line left
-	 * by the BIOS would make every entry exit again at once. Nothing in the scenario needs IRQs. */
-	__asm__ volatile("outb %0, $0x21; outb %0, $0xA1" : : "a"((u8)0xFF));
-}
 
 u32 vendor_main(struct nested_blob *blob, const struct l1_options *opt)
 {
@@ -400,7 +393,6 @@ u32 vendor_main(struct nested_blob *blob, const struct l1_options *opt)
 		return STATUS_ERROR;
 	}
 	write_cr4(cr4);
-	mask_pic();
 
 	/* VMXON, VMCLEAR, VMPTRLD: both regions start with the revision id */
 	u32 revision = (u32)rdmsr(IA32_VMX_BASIC) & 0x7FFFFFFF;

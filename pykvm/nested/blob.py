@@ -121,6 +121,10 @@ def _noncanonical_rip_vmx(state: VcpuState, img: VmcsImage, caps: VmxCapabilitie
     img["GUEST_RIP"] = 0x0000_8000_0000_0000
 
 
+def _rflags_bit1_clear(state: VcpuState, img: VmcsImage, caps: VmxCapabilities | None) -> None:
+    img["GUEST_RFLAGS"] = img["GUEST_RFLAGS"] & ~0x2
+
+
 def _bad_walk_length(state: VcpuState, img: VmcsImage, caps: VmxCapabilities | None) -> None:
     eptp = img["EPT_POINTER"]
     img["EPT_POINTER"] = (eptp & ~paging.EPTP_WALK_MASK) | (2 << paging.EPTP_WALK_SHIFT)
@@ -144,6 +148,8 @@ BREAKAGES: Mapping[str, Breakage] = {
                  "intercept cleared (SVM)", vmx=_reserved_pin_bit, svm=_no_vmrun_intercept),
         Breakage("noncanonical-rip", "guest RIP 0x800000000000 in a 64-bit guest (VMX)",
                  vmx=_noncanonical_rip_vmx),
+        Breakage("rflags-reserved", "guest RFLAGS with its always-1 bit 1 clear (VMX)",
+                 vmx=_rflags_bit1_clear),
         Breakage("bad-eptp-walk", "an EPTP with page-walk length 3 (VMX)", vmx=_bad_walk_length),
         Breakage("asid-zero", "guest ASID 0, the host's (SVM)", svm=_asid_zero),
         Breakage("svme-clear", "EFER.SVME clear in the guest state (SVM)", svm=_svme_clear),

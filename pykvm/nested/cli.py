@@ -111,6 +111,8 @@ def _print_runs(runs: list[NestedRun]) -> None:
         problems = run.problems()
         verdict = "as expected" if not problems else "; ".join(problems)
         console.print(f"{run.vendor.upper()} on {run.platform}: {verdict}")
+        if run.deviation:
+            console.print(f"  a known deviation of {run.platform}: {run.deviation}")
 
 
 def _print_side_by_side(console, runs: list[NestedRun]) -> None:
