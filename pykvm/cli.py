@@ -11,8 +11,8 @@ import time
 
 from . import argtypes, exits
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
-from .loaders import detect_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
+from .loaders import detect_image
 from .machine import GuestError, GuestInterrupted, Machine, Outcome, describe_exit
 from .x86 import layout
 from .x86.modes import Mode
@@ -248,7 +248,14 @@ def _print_stats(machine: Machine) -> None:
 
 def page_table_dump(machine: Machine) -> dict:
     """The boot vCPU's live page tables as merged mappings: {"mode", "cr3", "mappings" | "error"}."""
-    from .model.paging import GuestMemoryAdapter, TableError, coalesce, context_from_sregs, guest_cpu_features, mappings
+    from .model.paging import (
+        GuestMemoryAdapter,
+        TableError,
+        coalesce,
+        context_from_sregs,
+        guest_cpu_features,
+        mappings,
+    )
 
     sregs = machine.vcpu.get_sregs()
     maxphyaddr, gbpages = guest_cpu_features(machine.vcpu)

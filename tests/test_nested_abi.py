@@ -7,6 +7,7 @@ have a Python twin (a new one added to one side only fails here).
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -71,7 +72,7 @@ def test_the_l2_layout_fits_and_does_not_overlap():
         (layout.L2_CR3_B, 0x10000), (layout.L2_CODE, 0x10000), (layout.L2_RO_PAGE, 0x1000),
         (layout.L2_PAGE_A, 0x1000), (layout.L2_PAGE_B, 0x1000),
     ])  # fmt: skip
-    for (a, size), (b, _) in zip(regions, regions[1:]):
+    for (a, size), (b, _) in itertools.pairwise(regions):
         assert a + size <= b, f"{a:#x}+{size:#x} overlaps {b:#x}"
     assert regions[-1][0] + regions[-1][1] <= layout.L2_STACK_TOP <= layout.L2_MEM_SIZE
     assert layout.L2_MEM_OFFSET + layout.L2_MEM_SIZE <= layout.NESTED_MAX_SIZE

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from dumps import FIXTURES, HASWELL_EP, needs_fixtures
+
 from pykvm.model import paging
 from pykvm.model.vmcb import VmcbImage
 from pykvm.model.vmcs import VmcsImage

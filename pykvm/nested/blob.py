@@ -34,8 +34,8 @@ from ..model.hvm import (
     VcpuState,
 )
 from ..model.vmcb import VmcbImage, check_vmcb
-from ..model.vmcs import VmcsImage, Violation, check_vmcs
-from ..probe.vmx import ControlGroup, VmxCapabilities
+from ..model.vmcs import Violation, VmcsImage, check_vmcs
+from ..probe.vmx import VmxCapabilities
 from . import layout as L
 
 __all__ = ["BREAKAGES", "Blob", "Breakage", "GuestImages", "build_blob", "predicted_failure"]

@@ -140,7 +140,7 @@ def _print_side_by_side(console, runs: list[NestedRun]) -> None:
 
 
 def _unavailable_message(run: NestedRun) -> str:
-    code, text = run.report.error or ("", "")
+    _code, text = run.report.error or ("", "")
     msg = f"the {run.vendor.upper()} L1 on {run.platform}: {text}"
     if run.platform == "pykvm":
         from ..probe.kvm import collect_backend
