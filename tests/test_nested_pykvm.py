@@ -54,6 +54,9 @@ def test_the_l1_boots_under_pykvm_and_names_the_missing_extension(vendor, code, 
     assert r.error[0] == code and "CPUID" in r.error[1]
     assert r.status == L.STATUS_NO_EXTENSION == run.exit_status
     assert not run.timed_out and run.blob is None  # stopped at the probe: nothing built
+    # Python watched the L1 itself: its UART output and the isa-debug-exit write
+    assert run.extra["l1_exits"]["Uart16550 0x3f8-0x3ff"] > len(run.serial)
+    assert run.extra["l1_exits"]["DebugExit 0xf4-0xf7"] == 1
 
 
 def test_vmx_locked_off_by_feature_control_is_reported():
@@ -98,3 +101,19 @@ def test_the_scenario_under_pykvm(vendor, kvm_backend):
                     "runs this scenario on Bochs/QEMU")  # fmt: skip
     assert run.problems() == [], run.serial
     assert run.report.status == L.STATUS_DONE
+
+
+def test_a_fault_in_the_l1_is_reported_with_its_registers_not_a_hang():
+    # CPUID says VMX and IA32_FEATURE_CONTROL allows it, but this KVM has no VMX MSRs: the
+    # probe's RDMSR 0x480 takes #GP, which the L1's IDT catches and reports.
+    def feature_control(machine) -> None:
+        machine.on_msr(0x3A, read=lambda vcpu: 0x5)  # locked, VMX outside SMX on
+
+    run = run_scenario("vmx", "pykvm", timeout=30,
+                       machine_hook=_hooks(_with_cpuid_bit(1, "ecx", 5), feature_control))
+    if run.report.status == L.STATUS_PROBED:
+        pytest.skip("this KVM has the VMX capability MSRs: nothing faults")
+    code, text = run.report.error
+    assert code == "l1-exception" and "vector=0xd" in text and "rcx=0x480" in text
+    assert run.report.status == L.STATUS_ERROR and not run.timed_out
+    assert any("l1-exception" in p for p in run.problems())

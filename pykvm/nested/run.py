@@ -215,19 +215,21 @@ class NestedRun:
             "predicted_failure": None if blob is None else blob.predicted_failure,
             "violations": [] if blob is None else [str(v) for v in blob.violations],
             "tlb_tagging": self.tlb_tagging, "deviation": self.deviation,
+            "l1_exits": self.extra.get("l1_exits"),
             "report": self.report.to_json(), "problems": self.problems(),
         }  # fmt: skip
 
 
 def _run_pykvm(kernel: Path, blob: bytes | None, cmdline: str, timeout: float,
-               machine_hook=None) -> tuple[str, int | None, bool, float]:  # fmt: skip
+               machine_hook=None) -> tuple[str, int | None, bool, float, dict[str, int]]:  # fmt: skip
     from ..machine import GuestTimeout, Machine
 
     modules = [("blob", blob, "")] if blob is not None else []
     serial = io.BytesIO()
     start = time.monotonic()
     timed_out, status = False, None
-    with Machine(MEMORY_MIB << 20) as m:
+    # The in-kernel irqchip gives the L1 the PC's 8259s to mask (and an IOAPIC, masked at reset).
+    with Machine(MEMORY_MIB << 20, irqchip=True) as m:
         m.add_pc_devices(serial=serial, tables=False)
         m.load_kernel(kernel.read_bytes(), path=str(kernel), cmdline=cmdline, modules=modules)
         if machine_hook is not None:
@@ -237,7 +239,8 @@ def _run_pykvm(kernel: Path, blob: bytes | None, cmdline: str, timeout: float,
             status = outcome.status >> 1 if outcome.status & 1 and outcome.status > 1 else None
         except GuestTimeout:
             timed_out = True
-    return serial.getvalue().decode("latin-1"), status, timed_out, time.monotonic() - start
+        l1_exits = {key: n for key, n, _ in m.stats.rows()}  # what Python saw of the L1 itself
+    return serial.getvalue().decode("latin-1"), status, timed_out, time.monotonic() - start, l1_exits
 
 
 def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmdline: str = "",
@@ -250,9 +253,10 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
         raise platforms.PlatformUnavailable(reason)
     timeout = DEFAULT_TIMEOUT[platform] if timeout is None else timeout
     model = cpu_model or CPU_MODELS.get((platform, vendor))
+    extra: dict[str, Any] = {}
     if platform == "pykvm":
-        serial, status, timed_out, seconds = _run_pykvm(images.l1, blob, cmdline, timeout,
-                                                        machine_hook)  # fmt: skip
+        serial, status, timed_out, seconds, extra["l1_exits"] = _run_pykvm(
+            images.l1, blob, cmdline, timeout, machine_hook)  # fmt: skip
     else:
         modules: list[Path] = []
         if blob is not None:
@@ -278,7 +282,8 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
                 shutil.rmtree(modules[0].parent, ignore_errors=True)
         serial, status, timed_out, seconds = res.serial, res.exit_status, res.timed_out, res.seconds
     report = parse_report(serial)
-    return NestedRun(platform, vendor, cmdline, serial, report, seconds, timed_out, status, model)
+    return NestedRun(platform, vendor, cmdline, serial, report, seconds, timed_out, status, model,
+                     extra=extra)  # fmt: skip
 
 
 def probe(platform: str, images: GuestImages, **kw: Any) -> NestedRun:
@@ -323,5 +328,5 @@ def run_scenario(
         raise ImageRejected(vendor, blob.violations, blob.predicted_failure)
     run = run_l1(platform, images, blob=blob.data, cmdline=cmdline, workdir=workdir, **kw)
     run.blob, run.caps = blob, first.caps
-    run.extra.update(first.extra, probe_seconds=round(first.seconds, 3))
+    run.extra.update(maxphyaddr=first.extra.get("maxphyaddr"), probe_seconds=round(first.seconds, 3))
     return run
