@@ -71,6 +71,22 @@ def test_vmx_locked_off_by_feature_control_is_reported():
     assert run.no_extension and run.report.status == L.STATUS_NO_EXTENSION
 
 
+def test_an_unlocked_feature_control_is_locked_by_the_l1_as_firmware_would():
+    written = []
+
+    def feature_control(machine) -> None:
+        machine.on_msr(0x3A, read=lambda vcpu: written[-1] if written else 0,
+                       write=lambda vcpu, value: written.append(value))  # fmt: skip
+
+    hook = _hooks(_with_cpuid_bit(1, "ecx", 5), feature_control)
+    run_scenario("vmx", "pykvm", timeout=30, machine_hook=hook)
+    assert written and written[0] == 0x5  # lock | VMX outside SMX
+    written.clear()
+    run = run_scenario("vmx", "pykvm", timeout=30, machine_hook=hook, cmdline="fc-lock")
+    assert written == [0x1]  # "fc-lock": locked with VMX off, then found disabled
+    assert run.report.error[0] == "vmx-disabled" and run.no_extension
+
+
 def test_svm_disabled_by_vm_cr_is_reported():
     def vm_cr(machine) -> None:
         machine.on_msr(0xC0010114, read=lambda vcpu: 1 << 4)  # SVMDIS

@@ -47,6 +47,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--break", dest="breakage", choices=tuple(BREAKAGES),
                    help="put a deliberate fault into the image")
     p.add_argument("--triple-fault", action="store_true", help="start the L2 where it triple-faults")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="the L1's command line: 'fc-lock' locks IA32_FEATURE_CONTROL with VMX off "
+                   "first, as a firmware that disabled VT-x would")  # fmt: skip
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="launch an image pykvm's checker rejects (to see the processor refuse it)")
     p.add_argument("--timeout", type=argtypes.number(float, minimum=1.0, what="a number of seconds"),
@@ -169,6 +172,7 @@ def cmd_nested(args) -> int:
             runs.append(run_scenario(
                 vendor, platform, breakage=args.breakage, triple_fault=args.triple_fault,
                 check=args.check, cpu_model=args.cpu_model, timeout=args.timeout,
+                cmdline=args.append,
                 workdir=None if args.keep is None else args.keep / f"{platform}-{vendor}"))  # fmt: skip
     except ImageRejected as e:
         return _error(args, str(e), EXIT_USAGE, rejected=e)

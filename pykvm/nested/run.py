@@ -286,10 +286,10 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
                      extra=extra)  # fmt: skip
 
 
-def probe(platform: str, images: GuestImages, **kw: Any) -> NestedRun:
-    """Boot the L1 with ``probe``: its VMX capability MSRs (VMX) or SVM leaf, decoded into
-    ``run.caps`` (VMX) and ``run.extra['maxphyaddr']``."""
-    run = run_l1(platform, images, cmdline="probe", **kw)
+def probe(platform: str, images: GuestImages, *, extra_args: str = "", **kw: Any) -> NestedRun:
+    """Boot the L1 with ``probe`` (and ``extra_args``): its VMX capability MSRs (VMX) or SVM
+    leaf, decoded into ``run.caps`` (VMX) and ``run.extra['maxphyaddr']``."""
+    run = run_l1(platform, images, cmdline=f"probe {extra_args}".strip(), **kw)
     if run.report.msrs and images.vendor == "vmx":
         run.caps = decode_vmx(run.report.msrs)
     widths = run.report.cpuid.get(0x8000_0008)
@@ -298,7 +298,7 @@ def probe(platform: str, images: GuestImages, **kw: Any) -> NestedRun:
     return run
 
 
-_PROBES: dict[tuple[str, str, str | None], NestedRun] = {}
+_PROBES: dict[tuple[str, str, str | None, str], NestedRun] = {}
 
 
 def run_scenario(
@@ -314,10 +314,10 @@ def run_scenario(
     images = GuestImages(build_dir or default_build_dir(vendor), vendor)
     kw: dict[str, Any] = {"cpu_model": cpu_model, "timeout": timeout, "machine_hook": machine_hook}
     # An emulator's CPU model answers the same every time: probe it once per process.
-    key = (platform, str(images.l1), cpu_model or CPU_MODELS.get((platform, vendor)))
+    key = (platform, str(images.l1), cpu_model or CPU_MODELS.get((platform, vendor)), cmdline)
     first = _PROBES.get(key) if platform != "pykvm" else None
     if first is None:
-        first = probe(platform, images, **kw)
+        first = probe(platform, images, extra_args=cmdline, **kw)
         if platform != "pykvm" and first.report.status == L.STATUS_PROBED:
             _PROBES[key] = first
     if first.report.status != L.STATUS_PROBED:
