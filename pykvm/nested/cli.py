@@ -21,8 +21,9 @@ examples:
   pykvm nested --platform bochs               the Intel L1 under Bochs (corei7_skylake_x)
   pykvm nested --platform qemu                the AMD L1 under QEMU's TCG
   pykvm nested --platform reference           both, side by side (Bochs VMX, QEMU SVM)
-  pykvm nested --platform bochs --break noncanonical-rip            refused before launch
-  pykvm nested --platform bochs --break noncanonical-rip --no-check the processor refuses it
+  pykvm nested --platform bochs --break rflags-reserved             refused before launch
+  pykvm nested --platform bochs --break rflags-reserved --no-check  VM entry fails as predicted
+  pykvm nested --vendor vmx --append fc-lock   as if the firmware had locked VT-x off (exit 4)
   pykvm nested --platform qemu --triple-fault --json
 
 breakages: {", ".join(f"{n} ({b.description})" for n, b in BREAKAGES.items())}

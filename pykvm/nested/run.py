@@ -270,7 +270,7 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
             if platform == "qemu":
                 res = platforms.run_qemu(images.l1, modules, cmdline, cpu=model or "qemu64",
                                          memory_mib=MEMORY_MIB, timeout=timeout, banner=BANNER,
-                                         end_marker=END_MARKER)  # fmt: skip
+                                         end_marker=END_MARKER, workdir=workdir)  # fmt: skip
             else:
                 res = platforms.run_bochs(images.l1, modules, cmdline, cpu_model=model or "",
                                           memory_mib=MEMORY_MIB, timeout=timeout, banner=BANNER,
