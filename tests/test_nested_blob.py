@@ -195,3 +195,12 @@ def test_predicted_failure_orders_controls_before_host_before_guest():
     assert predicted_failure("vmx", [guest, host]) == "vmfail-valid error=8"
     assert predicted_failure("vmx", [guest]) == "invalid-state reason=0x80000021"
     assert predicted_failure("vmx", []) is None
+
+
+def test_the_tlb_model_keeps_a_tagged_entry_over_the_exit_and_drops_it_at_the_flush():
+    from pykvm.nested.run import model_tagging
+
+    assert vmx_blob().state.tlb_tag == 1
+    assert model_tagging("vmx", 1) == "kept"  # VPID 1: the transitions flush nothing
+    assert model_tagging("vmx", 0) == "flushed"  # no VPID: every VM exit/entry flushes
+    assert model_tagging("svm", 1) == "kept"  # ASID-tagged; TLB_CONTROL 0 at VMRUN

@@ -103,7 +103,9 @@ def _print_runs(runs: list[NestedRun]) -> None:
         tagging = {"kept": "the tagged entry survived the exit (read the old page until the flush)",
                    "flushed": "the platform flushed it at the exit (no stale read)"}  # fmt: skip
         if run.tlb_tagging:
-            console.print(f"  TLB across the remap exit: {tagging[run.tlb_tagging]}")
+            console.print(f"  TLB across the remap exit: {tagging[run.tlb_tagging]}; pykvm's TLB "
+                          f"model of this image: {run.tlb_model} (either conforms: entries may "
+                          "always be dropped early)")  # fmt: skip
         for note in run.report.notes:
             console.print(f"  l1: {note}")
         if run.report.entry_failure is not None:

@@ -50,6 +50,30 @@ DEFAULT_TIMEOUT = {"pykvm": 60.0, "qemu": 60.0, "bochs": 180.0}
 NO_EXTENSION = ("no-vmx", "no-svm", "no-extension", "vmx-disabled", "svm-disabled", "no-npt")
 
 
+def model_tagging(vendor: str, tag: int) -> str:
+    """What :mod:`pykvm.model.tlb` says the L2 reads of L2_TAG_VA across the remap exit: ``kept``
+    (a TLB tagged by VPID/ASID ``tag`` keeps the old translation over the VM exit and entry) or
+    ``flushed`` (VMX without a VPID flushes at each transition). Hardware may always drop entries
+    early, so ``flushed`` conforms either way; after the L1's INVVPID / INVLPGA the model, like
+    every processor, has no entry left."""
+    from ..model.tlb import TLB
+
+    tlb = TLB()
+    ept = 1 if vendor == "vmx" else None  # the model names EPTPs by a small id: the L2 has one
+    tlb.fill(L.L2_TAG_VA, tag=tag, eptp=ept)
+    for _ in ("exit", "entry"):
+        if vendor == "vmx":
+            tlb.vmx_transition(vpid_enabled=tag != 0)
+    kept = tlb.lookup(L.L2_TAG_VA, tag=tag, eptp=ept) is not None
+    if vendor == "vmx" and tag:
+        tlb.invvpid(1, tag)
+    elif vendor == "svm":
+        tlb.invlpga(L.L2_TAG_VA, tag)
+    if tlb.lookup(L.L2_TAG_VA, tag=tag, eptp=ept) is not None:
+        raise AssertionError("the model kept a translation the L1 invalidated")
+    return "kept" if kept else "flushed"
+
+
 @dataclass(frozen=True)
 class Deviation:
     """A reference platform known to differ from the manuals in one case, and how to see it."""
@@ -180,6 +204,13 @@ class NestedRun:
             return None
         return {L.L2_VALUE_A: "kept", L.L2_VALUE_B: "flushed"}.get(after)
 
+    @property
+    def tlb_model(self) -> str | None:
+        """:func:`model_tagging` for this run's image (None without one)."""
+        if self.blob is None:
+            return None
+        return model_tagging(self.vendor, self.blob.state.tlb_tag)
+
     def _report_problems(self) -> list[str]:
         """The values the L2 reported against what its scenario makes them (l2.S)."""
         if self.blob is None or self.blob.violations or self.blob.triple_fault:
@@ -214,7 +245,8 @@ class NestedRun:
             "expected_exits": None if blob is None else list(blob.expected_exits),
             "predicted_failure": None if blob is None else blob.predicted_failure,
             "violations": [] if blob is None else [str(v) for v in blob.violations],
-            "tlb_tagging": self.tlb_tagging, "deviation": self.deviation,
+            "tlb_tagging": self.tlb_tagging, "tlb_model": self.tlb_model,
+            "deviation": self.deviation,
             "l1_exits": self.extra.get("l1_exits"),
             "report": self.report.to_json(), "problems": self.problems(),
         }  # fmt: skip
