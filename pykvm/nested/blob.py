@@ -324,7 +324,6 @@ def build_blob(
         nested_paging=NestedPaging(nested_tables.root, levels=4), tlb_tag=1,
         io_exits=ExitPolicy.ALL, io_bitmap_gpa=base + OFF_IOPM,
         msr_exits=ExitPolicy.NONE, msr_bitmap_gpa=base + OFF_MSR_BITMAP,
-        rax=0x1,
     )  # fmt: skip
 
     blob = Blob(vendor, b"", state, mem, nested, caps=caps, breakage=breakage,
