@@ -3,18 +3,11 @@
  * Load: ELF segments at GPA 0x100000 (kernel.ld), entry = _start
  * It sets its own stack (the spec leaves ESP undefined) and calls kmain(magic, info).
  */
-#define MULTIBOOT_HEADER_MAGIC	0x1BADB002
-#define MULTIBOOT_PAGE_ALIGN	(1 << 0)	/* modules on 4 KiB boundaries */
-#define MULTIBOOT_MEMORY_INFO	(1 << 1)	/* mem_lower/mem_upper (and the mmap) wanted */
-#define MULTIBOOT_FLAGS		(MULTIBOOT_PAGE_ALIGN | MULTIBOOT_MEMORY_INFO)
+#include "multiboot.h"
+
+	MULTIBOOT_HEADER
 
 	.code32
-	.section .multiboot, "a"
-	.balign	4
-	.long	MULTIBOOT_HEADER_MAGIC
-	.long	MULTIBOOT_FLAGS
-	.long	-(MULTIBOOT_HEADER_MAGIC + MULTIBOOT_FLAGS)
-
 	.section .text.entry, "ax"
 	.globl	_start
 _start:

@@ -12,14 +12,9 @@
  */
 #include "nested.h"
 
-#define MB_MAGIC	0x1BADB002
-#define MB_FLAGS	((1 << 0) | (1 << 1))	/* page-aligned modules, memory info */
+#include "multiboot.h"
 
-	.section .multiboot, "a"
-	.balign	4
-	.long	MB_MAGIC
-	.long	MB_FLAGS
-	.long	-(MB_MAGIC + MB_FLAGS)
+	MULTIBOOT_HEADER
 
 	.section .text.entry, "ax"
 	.code32

@@ -10,6 +10,7 @@
  *        disabled VT-x). The first module is the scenario blob pykvm built (nested.h).
  */
 #include "l1.h"
+#include "multiboot.h"
 
 #define COM1 0x3F8
 
@@ -284,7 +285,7 @@ void l1_main(u32 magic, u32 info_addr)
 	puts(" cpu=");
 	puts(vendor);
 	report_end();
-	if (magic != 0x2BADB002)
+	if (magic != MULTIBOOT_BOOT_MAGIC)
 		l1_error("boot", "not started by a multiboot loader (EAX is not 0x2BADB002)");
 	if (info->flags & (1 << 2))
 		cmdline = (const char *)(u64)info->cmdline;
