@@ -130,6 +130,15 @@ def test_svm_broken_images_fail_vmrun_as_the_checker_predicts(breakage):
     assert run.report.status == L.STATUS_ENTRY_FAILED and run.problems() == []
 
 
+@needs_bochs
+@pytest.mark.parametrize("breakage", ["reserved-control", "asid-zero", "svme-clear"])
+def test_svm_broken_images_fail_vmrun_on_bochs_too(breakage):
+    run = run_scenario("svm", "bochs", breakage=breakage, check=False)
+    assert run.report.failure_text() == "vmexit-invalid" == run.blob.predicted_failure
+    assert run.report.entry_failure["code"] == 2**64 - 1  # Bochs stores the full 64-bit -1
+    assert run.report.status == L.STATUS_ENTRY_FAILED and run.problems() == []
+
+
 @needs_qemu
 def test_svm_l2_triple_fault_is_a_shutdown_exit_on_qemu():
     run = run_scenario("svm", "qemu", triple_fault=True)
