@@ -13,6 +13,22 @@ import functools
 import json
 
 import pytest
+from dumps import (
+    ALDER_LAKE_N,
+    ALL,
+    AMD,
+    BARCELONA,
+    CONROE,
+    FIXTURES,
+    GRANITE_RIDGE,
+    HASWELL_EP,
+    INTEL,
+    SAPPHIRE_RAPIDS,
+    SUMMIT_RIDGE,
+    WINDSOR,
+    ZHAOXIN,
+    needs_fixtures,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,23 +43,6 @@ from pykvm.probe.cpuid import (
 )
 from pykvm.probe.dump import Dump, read_dump
 from pykvm.probe.svm import SVM_FEATURES, decode_svm, decode_svm_leaf
-
-from dumps import (
-    FIXTURES,
-    needs_fixtures,
-    ALDER_LAKE_N,
-    BARCELONA,
-    CONROE,
-    GRANITE_RIDGE,
-    HASWELL_EP,
-    SAPPHIRE_RAPIDS,
-    SUMMIT_RIDGE,
-    WINDSOR,
-    ZHAOXIN,
-)
-INTEL = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS]
-AMD = [WINDSOR, BARCELONA, SUMMIT_RIDGE, GRANITE_RIDGE]
-ALL = INTEL + AMD + [ZHAOXIN]
 
 
 @functools.cache

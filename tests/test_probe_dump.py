@@ -7,6 +7,20 @@ import re
 from pathlib import Path
 
 import pytest
+from dumps import (
+    ALDER_LAKE_N,
+    ALL,
+    BARCELONA,
+    CONROE,
+    FIXTURES,
+    GRANITE_RIDGE,
+    HASWELL_EP,
+    SAPPHIRE_RAPIDS,
+    SUMMIT_RIDGE,
+    WINDSOR,
+    ZHAOXIN,
+    needs_fixtures,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,22 +32,6 @@ from pykvm.probe.dump import (
     parse_dump,
     read_dump,
 )
-
-from dumps import (
-    FIXTURES,
-    needs_fixtures,
-    ALDER_LAKE_N,
-    BARCELONA,
-    CONROE,
-    GRANITE_RIDGE,
-    HASWELL_EP,
-    SAPPHIRE_RAPIDS,
-    SUMMIT_RIDGE,
-    WINDSOR,
-    ZHAOXIN,
-)
-ALL = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, WINDSOR, BARCELONA, SUMMIT_RIDGE,
-       GRANITE_RIDGE, ZHAOXIN]  # fmt: skip
 
 # Logical CPUs in each dump (its "Logical CPU #N" sections).
 CPU_COUNTS = {CONROE: 2, HASWELL_EP: 16, ALDER_LAKE_N: 4, SAPPHIRE_RAPIDS: 40, WINDSOR: 2,
@@ -94,7 +92,7 @@ def test_msr_sections(name: str) -> None:
 def test_counts_every_record_line() -> None:
     for name in ALL:
         text = text_of(name)
-        n_records = len(re.findall(r"^CPUID [0-9A-F]{8}: ", text, re.M))
+        n_records = len(re.findall(r"^CPUID [0-9A-F]{8}: ", text, re.MULTILINE))
         dump = load(name)
         assert sum(len(cpu.cpuid) for cpu in dump.cpus) == n_records  # no duplicates, none lost
 

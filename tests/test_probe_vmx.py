@@ -12,6 +12,17 @@ import functools
 import json
 
 import pytest
+from dumps import (
+    ALDER_LAKE_N,
+    AMD,
+    CONROE,
+    FIXTURES,
+    HASWELL_EP,
+    INTEL,
+    SAPPHIRE_RAPIDS,
+    ZHAOXIN,
+    needs_fixtures,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,22 +44,7 @@ from pykvm.probe.vmx import (
     decode_vmx,
 )
 
-from dumps import (
-    FIXTURES,
-    needs_fixtures,
-    ALDER_LAKE_N,
-    CONROE,
-    HASWELL_EP,
-    SAPPHIRE_RAPIDS,
-    ZHAOXIN,
-)
-VMX_DUMPS = [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, ZHAOXIN]
-AMD_DUMPS = [
-    "AuthenticAMD0040F33_K8_Windsor_CPUID.txt",
-    "AuthenticAMD0100F21_K10_Barcelona_CPUID.txt",
-    "AuthenticAMD0800F11_K17_Zen3_CPUID.txt",
-    "AuthenticAMD0B40F40_K20_GraniteRidge_02_CPUID.txt",
-]
+VMX_DUMPS = [*INTEL, ZHAOXIN]
 
 
 @functools.cache
@@ -203,7 +199,7 @@ def test_zhaoxin_vmx() -> None:
 
 
 @needs_fixtures
-@pytest.mark.parametrize("name", AMD_DUMPS)
+@pytest.mark.parametrize("name", AMD)
 def test_amd_dumps_have_no_vmx_msrs(name: str) -> None:
     assert decode_vmx(load(name).msrs) is None
     assert decode_vmx(load(name).unassigned_msrs) is None
