@@ -205,6 +205,14 @@ class HostState:
 # ---------------------------------------------------------------------------------------------
 
 
+def _flat_segments(code: Segment) -> dict[str, Segment]:
+    """``code`` in CS, flat data in the other segment registers, a busy TSS, no LDT."""
+    data = Segment.flat_data()
+    return {"cs": code, "ss": data, "ds": data, "es": data, "fs": data, "gs": data,
+            "tr": Segment.tss(), "ldtr": Segment.null()}  # fmt: skip
+
+
+
 @dataclass(frozen=True)
 class VcpuState:
     """A guest CPU and the exits wanted from it, in no vendor's format."""
@@ -265,10 +273,7 @@ class VcpuState:
         base: dict[str, object] = {
             "rip": rip, "rsp": rsp, "cr3": cr3,
             "cr0": CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
-            "cr4": CR4_PAE, "efer": EFER_LME | EFER_LMA,
-            "cs": Segment.flat_code64(), "ss": Segment.flat_data(), "ds": Segment.flat_data(),
-            "es": Segment.flat_data(), "fs": Segment.flat_data(), "gs": Segment.flat_data(),
-            "tr": Segment.tss(), "ldtr": Segment.null(),
+            "cr4": CR4_PAE, "efer": EFER_LME | EFER_LMA, **_flat_segments(Segment.flat_code64()),
         }  # fmt: skip
         base.update(kw)
         return cls(**base)  # type: ignore[arg-type]
@@ -278,9 +283,7 @@ class VcpuState:
         """A 32-bit flat guest without paging."""
         base: dict[str, object] = {
             "rip": rip, "rsp": rsp, "cr0": CR0_PE | CR0_ET | CR0_NE,
-            "cs": Segment.flat_code32(), "ss": Segment.flat_data(), "ds": Segment.flat_data(),
-            "es": Segment.flat_data(), "fs": Segment.flat_data(), "gs": Segment.flat_data(),
-            "tr": Segment.tss(), "ldtr": Segment.null(),
+            **_flat_segments(Segment.flat_code32()),
         }  # fmt: skip
         base.update(kw)
         return cls(**base)  # type: ignore[arg-type]
