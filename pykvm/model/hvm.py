@@ -212,7 +212,6 @@ def _flat_segments(code: Segment) -> dict[str, Segment]:
             "tr": Segment.tss(), "ldtr": Segment.null()}  # fmt: skip
 
 
-
 @dataclass(frozen=True)
 class VcpuState:
     """A guest CPU and the exits wanted from it, in no vendor's format."""
