@@ -16,7 +16,9 @@ to see the processor refuse it the way the checker predicted).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,28 +292,20 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
         serial, status, timed_out, seconds, extra["l1_exits"] = _run_pykvm(
             images.l1, blob, cmdline, timeout, machine_hook)  # fmt: skip
     else:
-        modules: list[Path] = []
-        if blob is not None:
-            import tempfile
-
-            tmp = Path(tempfile.mkdtemp(prefix="pykvm-nested-")) if workdir is None else workdir
-            tmp.mkdir(parents=True, exist_ok=True)
-            modules = [tmp / "blob"]
-            modules[0].write_bytes(blob)
-        try:
+        common: dict[str, Any] = {"memory_mib": MEMORY_MIB, "timeout": timeout, "banner": BANNER,
+                                  "end_marker": END_MARKER, "workdir": workdir}  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            modules: list[Path] = []
+            if blob is not None:  # the module file: in workdir (kept) or a temporary directory
+                where = workdir or Path(stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="pykvm-nested-")))  # fmt: skip
+                where.mkdir(parents=True, exist_ok=True)
+                modules = [where / "blob"]
+                modules[0].write_bytes(blob)
             if platform == "qemu":
-                res = platforms.run_qemu(images.l1, modules, cmdline, cpu=model or "qemu64",
-                                         memory_mib=MEMORY_MIB, timeout=timeout, banner=BANNER,
-                                         end_marker=END_MARKER, workdir=workdir)  # fmt: skip
+                res = platforms.run_qemu(images.l1, modules, cmdline, cpu=model or "qemu64", **common)
             else:
-                res = platforms.run_bochs(images.l1, modules, cmdline, cpu_model=model or "",
-                                          memory_mib=MEMORY_MIB, timeout=timeout, banner=BANNER,
-                                          end_marker=END_MARKER, workdir=workdir)  # fmt: skip
-        finally:
-            if blob is not None and workdir is None:
-                import shutil
-
-                shutil.rmtree(modules[0].parent, ignore_errors=True)
+                res = platforms.run_bochs(images.l1, modules, cmdline, cpu_model=model or "", **common)
         serial, status, timed_out, seconds = res.serial, res.exit_status, res.timed_out, res.seconds
     report = parse_report(serial)
     return NestedRun(platform, vendor, cmdline, serial, report, seconds, timed_out, status, model,
