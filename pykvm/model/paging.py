@@ -1534,6 +1534,16 @@ class GuestPhysicalView:
     def write_u64(self, address: int, value: int) -> None:
         self.memory.write_u64(self._hpa(address, 8, True), value)
 
+    def write(self, address: int, data: bytes) -> None:
+        """``data`` at gPA ``address``, page by page (each page translated on its own); the
+        backing memory needs a ``write`` of its own (as :class:`SparseMemory` has)."""
+        offset = 0
+        while offset < len(data):
+            gpa = address + offset
+            chunk = min(len(data) - offset, PAGE_SIZE - (gpa & 0xFFF))
+            self.memory.write(self._hpa(gpa, chunk, True), data[offset:offset + chunk])
+            offset += chunk
+
 
 # =================================================================================================
 # Whole-table views: mappings and validation

@@ -180,28 +180,6 @@ def predicted_failure(vendor: str, violations: list[Violation]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class _L2View:
-    """The L2's guest-physical addresses over the L1-physical blob memory (a fixed offset)."""
-
-    def __init__(self, memory: paging.SparseMemory, base: int):
-        self.memory, self.base = memory, base
-
-    def read_u32(self, a: int) -> int:
-        return self.memory.read_u32(self.base + a)
-
-    def read_u64(self, a: int) -> int:
-        return self.memory.read_u64(self.base + a)
-
-    def write_u32(self, a: int, v: int) -> None:
-        self.memory.write_u32(self.base + a, v)
-
-    def write_u64(self, a: int, v: int) -> None:
-        self.memory.write_u64(self.base + a, v)
-
-    def write(self, a: int, data: bytes) -> None:
-        self.memory.write(self.base + a, data)
-
-
 #: The L2 exits of the scenario, in order, by neutral name (l2.S's header lists them).
 SCENARIO_EXITS = ("cpuid", "io", "io", "hypercall", "npf", "hypercall", "hypercall",
                   "hypercall", "hypercall", "hypercall", "hypercall", "hlt")  # fmt: skip
@@ -225,8 +203,9 @@ class Blob:
     name: str = "scenario"
 
     @property
-    def l2_memory(self) -> _L2View:
-        return _L2View(self.memory, L.NESTED_BASE + L.L2_MEM_OFFSET)
+    def l2_memory(self) -> paging.GuestPhysicalView:
+        """The L2's guest-physical memory, through the EPT/NPT tables."""
+        return paging.GuestPhysicalView(self.memory, self.nested)
 
     @property
     def predicted_failure(self) -> str | None:
@@ -274,9 +253,24 @@ def build_blob(
     base = L.NESTED_BASE
     l2_base = base + L.L2_MEM_OFFSET
     mem = paging.SparseMemory()
-    l2 = _L2View(mem, l2_base)
 
-    # The L2's memory: code, GDT, the pages the scenario reads, its two sets of page tables.
+    # EPT / NPT: L2 GPA [0, L2_MEM_SIZE) -> L1 PA l2_base, the RO page without write access.
+    fmt = paging.EPT4 if vendor == "vmx" else paging.LONG4
+    nested_tables = paging.TableBuilder(
+        fmt, mem, paging.FrameAllocator(mem, base + OFF_TABLES, L.L2_MEM_OFFSET - OFF_TABLES))
+    ro, end = L.L2_RO_PAGE, L.L2_MEM_SIZE
+    nested_tables.map_range(0, l2_base, ro)
+    nested_tables.map_range(ro, l2_base + ro, PAGE, write=False)
+    nested_tables.map_range(ro + PAGE, l2_base + ro + PAGE, end - ro - PAGE)
+    nested: paging.Ept | paging.Npt
+    if vendor == "vmx":
+        nested = paging.Ept(nested_tables.eptp())
+    else:
+        nested = paging.Npt(nested_tables.root)
+
+    # The L2's memory, written through those tables: code, GDT, the pages the scenario reads,
+    # its two sets of page tables.
+    l2 = paging.GuestPhysicalView(mem, nested)
     code = images.l2_code
     if len(code) > L.L2_RO_PAGE - L.L2_CODE:
         raise ValueError(f"{images.l2_bin}: {len(code)} bytes do not fit below L2_RO_PAGE")
@@ -295,24 +289,10 @@ def build_blob(
         if name == "A":
             builder.map_range(L.L2_TAG_VA, L.L2_PAGE_A, PAGE, user=False)
         tables[name] = builder
-    walk = paging.walk(l2, L.L2_TAG_VA, tables["A"].context())
-    pte_ref = walk.references[-1]
-    tag_pte = l2_base + pte_ref.address
+    refs = paging.walk(mem, L.L2_TAG_VA, tables["A"].context(), nested).references
+    pte_ref = next(r for r in reversed(refs) if r.dimension == paging.GUEST)  # the guest PTE
+    tag_pte = pte_ref.address  # where it lies in L1-physical memory, as the 2-D walk read it
     tag_pte_value = (pte_ref.value & ~(0xFFFFFFFFFF << 12)) | L.L2_PAGE_B
-
-    # EPT / NPT: L2 GPA [0, L2_MEM_SIZE) -> L1 PA l2_base, the RO page without write access.
-    fmt = paging.EPT4 if vendor == "vmx" else paging.LONG4
-    nested_tables = paging.TableBuilder(
-        fmt, mem, paging.FrameAllocator(mem, base + OFF_TABLES, L.L2_MEM_OFFSET - OFF_TABLES))
-    ro, end = L.L2_RO_PAGE, L.L2_MEM_SIZE
-    nested_tables.map_range(0, l2_base, ro)
-    nested_tables.map_range(ro, l2_base + ro, PAGE, write=False)
-    nested_tables.map_range(ro + PAGE, l2_base + ro + PAGE, end - ro - PAGE)
-    nested: paging.Ept | paging.Npt
-    if vendor == "vmx":
-        nested = paging.Ept(nested_tables.eptp())
-    else:
-        nested = paging.Npt(nested_tables.root)
 
     entry = L.L2_CODE
     if triple_fault:
