@@ -446,12 +446,16 @@ def cmd_compare(args) -> int:
     return EXIT_OK
 
 
-def _fail(args, error: BaseException, message: str, code: int) -> int:
-    """Say why the command could not run: one line on stderr, and with --json the one document."""
+def _fail(args, error: BaseException, message: str, code: int, *, details: dict | None = None,
+          extra: dict | None = None) -> int:  # fmt: skip
+    """Say why the command could not run: one line on stderr, and with --json the one document
+    (``details`` go into its "error" object, ``extra`` beside it)."""
     _error(message)
     if getattr(args, "json", False):
-        print(json.dumps({"result": "error", "status": code,
-                          "error": {"kind": type(error).__name__, "message": message}}, indent=2))
+        doc = {"result": "error", "status": code,
+               "error": {"kind": type(error).__name__, "message": message, **(details or {})},
+               **(extra or {})}  # fmt: skip
+        print(json.dumps(doc, indent=2))
     return code
 
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from .. import argtypes
+from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, _fail
 from .blob import BREAKAGES
 from .platforms import PlatformError, PlatformUnavailable
 from .run import PLATFORMS, ImageRejected, NestedRun, run_scenario
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
 
 EXAMPLES = f"""\
 examples:
@@ -178,32 +176,22 @@ def cmd_nested(args) -> int:
                 cmdline=args.append,
                 workdir=None if args.keep is None else args.keep / f"{platform}-{vendor}"))  # fmt: skip
     except ImageRejected as e:
-        return _error(args, str(e), EXIT_USAGE, rejected=e)
+        violations = [{"rule": v.rule_id, "field": v.field, "message": v.message}
+                      for v in e.violations]  # fmt: skip
+        return _fail(args, e, str(e), EXIT_USAGE,
+                     details={"violations": violations, "predicted": e.predicted})
     except PlatformUnavailable as e:
-        return _error(args, str(e), EXIT_UNAVAILABLE)
+        return _fail(args, e, str(e), EXIT_UNAVAILABLE)
     except PlatformError as e:
-        return _error(args, str(e), EXIT_FAILURE)
+        return _fail(args, e, str(e), EXIT_FAILURE)
     missing = [r for r in runs if r.no_extension]
     if missing:
-        return _error(args, _unavailable_message(missing[0]), EXIT_UNAVAILABLE, runs=runs)
+        message = _unavailable_message(missing[0])
+        return _fail(args, PlatformUnavailable(message), message, EXIT_UNAVAILABLE,
+                     extra={"runs": [r.to_json() for r in runs]})
     if args.json:
         print(json.dumps({"result": "ok" if not any(r.problems() for r in runs) else "differs",
                           "runs": [r.to_json() for r in runs]}, indent=2))  # fmt: skip
     else:
         _print_runs(runs)
     return EXIT_FAILURE if any(r.problems() for r in runs) else EXIT_OK
-
-
-def _error(args, message: str, code: int, *, rejected: ImageRejected | None = None,
-           runs: list[NestedRun] | None = None) -> int:  # fmt: skip
-    print(f"pykvm: error: {message}", file=sys.stderr)
-    if args.json:
-        doc: dict[str, Any] = {"result": "error", "status": code, "error": {"message": message}}
-        if rejected is not None:
-            doc["error"]["violations"] = [
-                {"rule": v.rule_id, "field": v.field, "message": v.message} for v in rejected.violations]
-            doc["error"]["predicted"] = rejected.predicted
-        if runs:
-            doc["runs"] = [r.to_json() for r in runs]
-        print(json.dumps(doc, indent=2))
-    return code
