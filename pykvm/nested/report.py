@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..model import paging
 from ..model.hvm import neutral_exit_svm, neutral_exit_vmx
 from ..model.vmcb import svm_exit
 from ..model.vmcs import VMX_EXIT_REASONS
@@ -44,13 +45,16 @@ def _number(text: str) -> int | str:
 
 
 def _flags(value: int, names: dict[int, str]) -> list[str]:
-    return [name for bit, name in names.items() if value >> bit & 1]
+    return [name for mask, name in names.items() if value & mask]
 
 
-_EPT_QUAL = {0: "read", 1: "write", 2: "fetch", 3: "readable", 4: "writable", 5: "executable",
-             7: "linear-address-valid", 8: "final-translation"}  # fmt: skip
-_NPF_INFO = {0: "present", 1: "write", 2: "user", 3: "reserved-bit", 4: "fetch",
-             32: "final-gPA", 33: "guest-page-table"}  # fmt: skip
+_EPT_QUAL = {paging.EQ_READ: "read", paging.EQ_WRITE: "write", paging.EQ_FETCH: "fetch",
+             paging.EQ_READABLE: "readable", paging.EQ_WRITABLE: "writable",
+             paging.EQ_EXECUTABLE: "executable", paging.EQ_USER_EXECUTABLE: "user-executable",
+             paging.EQ_GLA_VALID: "linear-address-valid", paging.EQ_FINAL: "final-translation"}  # fmt: skip
+_NPF_INFO = {paging.PF_P: "present", paging.PF_W: "write", paging.PF_U: "user",
+             paging.PF_RSVD: "reserved-bit", paging.PF_ID: "fetch", paging.NPF_FINAL: "final-gPA",
+             paging.NPF_GUEST_PAGE: "guest-page-table"}  # fmt: skip
 
 
 def describe_qualification(vendor: str, neutral: str | None, q: int) -> str:
