@@ -59,12 +59,13 @@ def add_parser(sub: Any) -> None:
 
 
 def _host_vendor() -> str:
-    """The host CPU's extension by its vendor (/proc/cpuinfo): 'svm' for AMD and Hygon."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "vmx"
-    return "svm" if "AuthenticAMD" in text or "HygonGenuine" in text else "vmx"
+    """The host CPU's extension by its CPUID vendor: 'svm' for AMD and Hygon, else 'vmx'."""
+    from ..probe.cpuid import vendor
+    from ..probe.hostcpu import host_cpuid
+
+    table, _source, _error = host_cpuid()
+    name = vendor(table) if table is not None else None
+    return "svm" if name in ("AuthenticAMD", "HygonGenuine") else "vmx"
 
 
 def _vendor_for(platform: str, wanted: str) -> str:
