@@ -44,8 +44,9 @@ __all__ = [
 
 PLATFORMS = ("pykvm", "qemu", "bochs")
 #: The CPU each platform emulates for a vendor (pykvm: the host's).
-CPU_MODELS = {("qemu", "svm"): "qemu64,+svm,+npt", ("bochs", "vmx"): "corei7_skylake_x",
-              ("bochs", "svm"): "ryzen"}  # fmt: skip
+CPU_MODELS = {("qemu", "svm"): platforms.QEMU_DEFAULT_CPU,
+              ("bochs", "vmx"): platforms.BOCHS_VMX_MODELS[0],
+              ("bochs", "svm"): platforms.BOCHS_SVM_MODELS[0]}  # fmt: skip
 MEMORY_MIB = 128
 DEFAULT_TIMEOUT = {"pykvm": 60.0, "qemu": 60.0, "bochs": 180.0}
 #: The L1's error codes that mean "this platform has no usable extension".
@@ -303,7 +304,7 @@ def run_l1(platform: str, images: GuestImages, *, blob: bytes | None = None, cmd
                 modules = [where / "blob"]
                 modules[0].write_bytes(blob)
             if platform == "qemu":
-                res = platforms.run_qemu(images.l1, modules, cmdline, cpu=model or "qemu64", **common)
+                res = platforms.run_qemu(images.l1, modules, cmdline, cpu=model or platforms.QEMU_DEFAULT_CPU, **common)
             else:
                 res = platforms.run_bochs(images.l1, modules, cmdline, cpu_model=model or "", **common)
         serial, status, timed_out, seconds = res.serial, res.exit_status, res.timed_out, res.seconds
