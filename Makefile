@@ -1,18 +1,31 @@
 # Makefile - developer entry points for pykvm.
 #
-#   make run     set up (virtualenv + pykvm + test deps), build the guests, run the default guest
-#   make test    set up, build the guests, run the whole test suite
+#   make run     install the system packages it needs, set up (virtualenv + pykvm + test deps),
+#                build the guests, run the default guest
+#   make test    install every system package the suite uses, set up, build the guests, run the
+#                whole test suite
 #   make guests  build guests/*.S into guests/build/ (flat .bin and .elf)
 #   make bench   the exit-cost benchmark (Python vs C)
+#
+# "Install the system packages" is scripts/system-deps (the `system-deps` target below, which the
+# others call first): profile `run` (python3-venv, make, gcc, binutils) for run, guests, setup and
+# bench, profile `test` (README.md, "Requirements") for test. It looks for each package's
+# commands or files and, for the missing ones, runs apt-get as root; as any other user it prints
+# the apt-get command to run instead, and the build goes on (tests that need a missing package skip).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEPS_PROFILE = run
+test: DEPS_PROFILE = test
 
-.PHONY: setup guests run test bench clean
+.PHONY: system-deps setup guests run test bench clean
 
-$(STAMP): pyproject.toml
+system-deps:
+	@PYTHON=$(PYTHON) scripts/system-deps $(DEPS_PROFILE)
+
+$(STAMP): pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -20,13 +33,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-guests:
+guests: system-deps
 	$(MAKE) -C guests
 
-run: setup guests
+run: system-deps setup guests
 	$(VENV)/bin/pykvm run
 
-test: setup guests
+test: system-deps setup guests
 	$(PY) -m pytest
 
 bench: setup guests
