@@ -194,7 +194,8 @@ def test_no_permission_on_kvm_device_says_how_to_fix(tmp_path):
     capabilities, so opening it fails with EACCES as it would for a user outside the kvm group."""
     tools = [t for t in ("unshare", "setpriv", "mount") if shutil.which(t) is None]
     if os.geteuid() != 0 or tools:
-        pytest.skip(f"needs root and util-linux ({', '.join(tools) or 'not root'})")
+        pytest.skip(f"needs root and unshare, setpriv, mount ({', '.join(tools) or 'not root'}; "
+                    "apt-get install util-linux mount)")
     node = tmp_path / "kvm"
     os.mknod(node, 0o600 | stat.S_IFCHR, os.stat("/dev/kvm").st_rdev)
     node.chmod(0)

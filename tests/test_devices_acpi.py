@@ -115,9 +115,9 @@ def test_write_copies_every_table_into_memory(tables):
     assert mem.writes == tables.blobs
 
 
-needs_iasl = pytest.mark.skipif(shutil.which("iasl") is None, reason="needs iasl (Debian package acpica-tools)")
+needs_iasl = pytest.mark.skipif(shutil.which("iasl") is None, reason="needs iasl (apt-get install acpica-tools)")
 needs_acpiexec = pytest.mark.skipif(
-    shutil.which("acpiexec") is None, reason="needs acpiexec (Debian package acpica-tools)"
+    shutil.which("acpiexec") is None, reason="needs acpiexec (apt-get install acpica-tools)"
 )
 COMPLAINTS = ("error", "warning", "incorrect", "invalid")
 

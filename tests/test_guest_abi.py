@@ -120,7 +120,7 @@ def test_fail_header_names_the_fail_line():
 def _need_tools():
     missing = [tool for tool in MAKE_TOOLS if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"building guests needs {', '.join(missing)} (binutils, gcc, make)")
+        pytest.skip(f"building guests needs {', '.join(missing)} (apt-get install build-essential)")
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
@@ -197,7 +197,7 @@ def test_make_one_guest_into_a_cache_dir(tmp_path):
 def test_c_part_compiles_freestanding(tmp_path, arch):
     """The C half of pykvm.h compiles cleanly for a freestanding guest in both widths."""
     if shutil.which("gcc") is None:
-        pytest.skip("needs gcc")
+        pytest.skip("needs gcc (apt-get install build-essential)")
     source = tmp_path / "guest.c"
     source.write_text(
         '#include "pykvm.h"\n'

@@ -23,7 +23,8 @@ from pykvm.ioctl import REQUESTS
 
 CC = shutil.which("cc")
 HEADER = Path("/usr/include/linux/kvm.h")
-_MISSING = "no C compiler (cc) on PATH" if CC is None else "" if HEADER.exists() else f"no {HEADER}"
+_MISSING = ("no C compiler (cc) on PATH (apt-get install build-essential)" if CC is None else ""
+            if HEADER.exists() else f"no {HEADER} (apt-get install linux-libc-dev)")
 pytestmark = pytest.mark.skipif(bool(_MISSING), reason=_MISSING)
 
 CType = type(ffi.typeof("int"))

@@ -538,7 +538,7 @@ def test_damaged_images_give_image_errors(seed, edits, cut):
 def build_kernels() -> dict[str, Path]:
     missing = [tool for tool in ("make", "gcc", "ld", "objcopy") if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"building the multiboot kernel needs {', '.join(missing)}")
+        pytest.skip(f"building the multiboot kernel needs {', '.join(missing)} (apt-get install build-essential)")
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     targets = {"elf32": "build/multiboot_kernel.elf", "elf64": "build/multiboot_kernel64.elf"}
     result = subprocess.run(["make", "-s", "-C", str(GUESTS), *targets.values()], capture_output=True,
@@ -638,7 +638,7 @@ def test_same_report_as_qemu(kernels, tmp_path):
     """QEMU's own multiboot loader (TCG) and pykvm's give the kernel the same view, where they should."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     modules = modules_in(tmp_path)
     for path, data, _ in modules:
         Path(path).write_bytes(data)

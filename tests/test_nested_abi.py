@@ -31,7 +31,7 @@ def _defines(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def c_values(tmp_path_factory) -> dict[str, int]:
     if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
+        pytest.skip("gcc is not installed (apt-get install build-essential)")
     names = _defines(HEADER) + [n for n in _defines(L1_HEADER) if n.startswith("STATUS_")]
     fields = [name for name, _ in layout.HEADER_FIELDS]
     # Not <stdio.h>: the kernel's print.h declares its own putc.

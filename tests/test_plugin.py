@@ -22,7 +22,7 @@ pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_gcc = pytest.mark.skipif(not all(map(__import__("shutil").which, ("gcc", "ld", "objcopy"))),
-                               reason="needs gcc, ld and objcopy to build guests")
+                               reason="needs gcc, ld and objcopy to build guests (apt-get install build-essential)")
 
 
 def plugin_args() -> list[str]:

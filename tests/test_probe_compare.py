@@ -202,7 +202,8 @@ def test_opcode_bytes_disassemble_to_the_mnemonic(insn: Instruction, tmp_path: P
     code = insn.encoding()
     decoded = _disassemble(code, tmp_path)
     if decoded is None:  # capstone 5 does not know INVLPGB/TLBSYNC
-        pytest.skip(f"capstone {capstone.__version__} cannot decode {insn} and objdump is absent")
+        pytest.skip(f"capstone {capstone.__version__} cannot decode {insn} and objdump is absent "
+                    "(apt-get install binutils)")
     assert decoded == (insn.mnemonic.lower(), len(code))
 
 

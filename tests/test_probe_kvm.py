@@ -149,7 +149,7 @@ def test_device_without_permission(tmp_path):
     """A mode-000 node of the real device, probed by a process without capabilities (as a user
     outside the kvm group would be): the device is there but not accessible, and the fix is said."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and util-linux setpriv")
+        pytest.skip("needs root and setpriv (apt-get install util-linux)")
     node = tmp_path / "kvm"
     os.mknod(node, stat.S_IFCHR, os.stat("/dev/kvm").st_rdev)
     code = f"import json, pykvm.probe.kvm as p; print(json.dumps(p.collect_kvm({str(node)!r}).to_json()))"

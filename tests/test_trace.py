@@ -66,7 +66,7 @@ LINE = re.compile(r"^\s*([0-9a-f]+):\t([0-9a-f ]+?)\s*(?:\t(\S+)\s*(.*?))?\s*$")
 def objdump(image: bytes, load: int, machine: str, tmp_path) -> dict[int, tuple[bytes, str, str]]:
     """{address: (bytes, mnemonic, operands)}: objdump's linear listing (AT&T) of a flat image."""
     if shutil.which("objdump") is None:
-        pytest.skip("needs objdump (binutils)")
+        pytest.skip("needs objdump (apt-get install binutils)")
     path = tmp_path / "image.bin"
     path.write_bytes(image)
     text = subprocess.run(["objdump", "-D", "-b", "binary", "-m", machine, f"--adjust-vma={load:#x}", str(path)],
