@@ -867,6 +867,10 @@ def test_walker_agrees_with_kvm_in_5_level_paging(guest):
         if not has_la57(m.supported_cpuid):
             pytest.skip("this host's KVM offers no LA57: 5-level walks are checked offline instead "
                         "(test_the_setup_tables_identity_map_4gib_in_one_run, test_builder_and_walker_agree_on_random_maps)")
-        m.load_flat(guest("hello_long"), "long", la57=True)
+        try:
+            m.load_flat(guest("hello_long"), "long", la57=True)
+        except KvmUnsupportedError as e:  # offered in CPUID, refused by the backend (kvm_pvm on Intel)
+            pytest.skip(f"{e}: 5-level walks are checked offline instead "
+                        "(test_the_setup_tables_identity_map_4gib_in_one_run, test_builder_and_walker_agree_on_random_maps)")
         for gva in (0, 0x1234, layout.PROTECTED_LOAD, 0xFFFF_FFFF, 1 << 32, 1 << 48, (1 << 64) - 4096):
             assert_agrees_with_kvm(m, gva)

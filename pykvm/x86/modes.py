@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import errno
 
-from ..ioctl import KvmUnsupportedError
+from ..ioctl import KvmError, KvmUnsupportedError
 from . import layout, paging, tables
 
 CR0_PE, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 4, 1 << 5, 1 << 16, 1 << 31
@@ -117,18 +118,55 @@ def setup_mode(vcpu, memory, mode: Mode, entry: int, la57: bool = False) -> None
     sregs = vcpu.get_sregs()
     setup_sregs(sregs, mode, la57)
     wanted = {name: getattr(sregs, name) for name in ("cr0", "cr3", "cr4", "efer")}
-    vcpu.set_sregs(sregs)
+    try:
+        vcpu.set_sregs(sregs)
+    except KvmError as e:
+        refused = _refused_part(vcpu, mode, la57) if e.errno == errno.EINVAL else None
+        if refused is None:
+            raise
+        raise KvmUnsupportedError(f"{_backend()} cannot run {mode.value} mode with {refused}: "
+                                  f"KVM_SET_SREGS refused it (EINVAL), although KVM's supported "
+                                  f"CPUID offers it") from e  # fmt: skip
     got = vcpu.get_sregs()
     lost = [f"{name}={value:#x} (kept {getattr(got, name):#x})" for name, value in wanted.items()
             if getattr(got, name) & value != value]
     if lost:
-        from ..probe.host import kvm_backend
-
-        backend = kvm_backend() or "this KVM"
-        raise KvmUnsupportedError(f"{backend} cannot run {mode.value} mode: it refused " + ", ".join(lost))
+        raise KvmUnsupportedError(f"{_backend()} cannot run {mode.value} mode: it refused " + ", ".join(lost))
     regs = vcpu.get_regs()
     setup_regs(regs, mode, entry)
     vcpu.set_regs(regs)
+
+
+def _backend() -> str:
+    from ..probe.host import kvm_backend
+
+    return kvm_backend() or "this KVM"
+
+
+#: The optional parts of a mode that a backend may refuse although KVM's supported CPUID offers
+#: them (kvm_pvm on Intel hosts: CR4.LA57), with the mode's state without that part.
+_OPTIONAL_PARTS = (
+    ("5-level paging (CR4.LA57)", lambda mode, la57: la57, lambda sregs, mode: setup_sregs(sregs, mode, False)),
+    ("paging outside long mode (CR0.PG)", lambda mode, la57: mode in (Mode.PAGED, Mode.PAE),
+     lambda sregs, mode: setup_sregs(sregs, Mode.PROTECTED)),
+)
+
+
+def _refused_part(vcpu, mode: Mode, la57: bool) -> str | None:
+    """After KVM_SET_SREGS refused ``mode`` with EINVAL: the optional part of it that the backend
+    refuses, found by loading the same mode without that part (None: the whole state was refused,
+    so the refusal is not the backend's limit but a bad state)."""
+    for name, applies, without in _OPTIONAL_PARTS:
+        if not applies(mode, la57):
+            continue
+        sregs = vcpu.get_sregs()
+        without(sregs, mode)
+        try:
+            vcpu.set_sregs(sregs)
+        except KvmError:
+            continue
+        return name
+    return None
 
 
 def cpu_mode(sregs) -> Mode:
