@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from dumps import CONROE, FIXTURES, HASWELL_EP, needs_fixtures
+from dumps import CONROE, FIXTURES, HASWELL_EP
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -64,7 +64,6 @@ def test_vmx_and_svm_attribute_formats_agree(seg: Segment) -> None:
     assert not ar & 0xF00
 
 
-@needs_fixtures
 @pytest.mark.parametrize("state", [
     VcpuState.long_mode(0x1000, 0x8000, 0x2000, nested_paging=NPT, **MAPS),
     VcpuState.long_mode(0xFFFF_8000_0000_1000, 0xFFFF_8000_0000_8000, 0x2000, **MAPS),
@@ -75,7 +74,6 @@ def test_one_state_two_good_images(state: VcpuState) -> None:
     assert check(state, caps(), HOST, maxphyaddr=46) == {"vmcs": [], "vmcb": []}
 
 
-@needs_fixtures
 def test_controls_carry_the_must_be_1_bits() -> None:
     c = caps()
     img = VcpuState.long_mode(0x1000, 0x8000, 0x2000, **MAPS).to_vmcs(c, HOST)
@@ -94,7 +92,6 @@ def test_controls_carry_the_must_be_1_bits() -> None:
     assert img["VMCS_LINK_POINTER"] == 2**64 - 1
 
 
-@needs_fixtures
 def test_ept_on_a_processor_without_secondary_controls_is_reported() -> None:
     conroe = decode_vmx(read_dump(FIXTURES / CONROE).msrs)
     assert conroe is not None and conroe.procbased2 is None
@@ -113,7 +110,6 @@ def test_without_caps_the_default1_class_is_used() -> None:
     assert vmcs.check_vmcs(img) == []
 
 
-@needs_fixtures
 def test_wishes_map_to_both_vendors() -> None:
     st_ = VcpuState.long_mode(0x1000, 0x8000, 0x2000, exit_on_hlt=False, exception_bitmap=1 << 14,
                               io_exits=ExitPolicy.ALL, io_bitmap_gpa=0x20000,
@@ -155,7 +151,6 @@ def test_tlb_tag_0_means_no_vpid_and_an_illegal_asid() -> None:
     assert [v.rule_id for v in vmcb.check_vmcb(st_.to_vmcb())] == ["asid.zero"]
 
 
-@needs_fixtures
 def test_unpaged_guests_need_ept_on_vmx_but_not_on_svm() -> None:
     pe = ("CR0.PE (bit 0) is 0 but IA32_VMX_CR0_FIXED0/1 requires 1 (only 'unrestricted guest' "
           "lets it be 0)")
@@ -188,7 +183,6 @@ def test_impossible_wishes_raise() -> None:
     assert base.replace(activity="hlt").to_vmcs(None, HOST)["GUEST_ACTIVITY_STATE"] == 1
 
 
-@needs_fixtures
 def test_vmwrite_bytes_of_a_state_round_trip() -> None:
     img = VcpuState.long_mode(0x1000, 0x8000, 0x2000, nested_paging=NPT, **MAPS).to_vmcs(caps(),
                                                                                        HOST)

@@ -8,7 +8,7 @@ import functools
 import struct
 
 import pytest
-from dumps import FIXTURES, HASWELL_EP, needs_fixtures
+from dumps import FIXTURES, HASWELL_EP
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -247,7 +247,6 @@ def test_vmwrite_table_and_packed_bytes_round_trip() -> None:
         VmcsImage.from_bytes(b"\0" * 17)
 
 
-@needs_fixtures
 def test_good_image_groups_into_the_areas() -> None:
     areas = good_image().by_area()
     assert "GUEST_RIP" in areas[Area.GUEST_STATE] and "HOST_RIP" in areas[Area.HOST_STATE]
@@ -260,12 +259,10 @@ def test_good_image_groups_into_the_areas() -> None:
 # --- the VM-entry checks on Haswell-EP ---------------------------------------------------------
 
 
-@needs_fixtures
 def test_a_good_long_mode_image_passes() -> None:
     assert violations(good_image()) == []
 
 
-@needs_fixtures
 def test_good_protected_and_real_mode_images_pass() -> None:
     caps, _ = haswell()
     pm = VcpuState.protected_mode(0x1000, 0x2000, nested_paging=NestedPaging(0x10000), **BITMAPS)
@@ -276,7 +273,6 @@ def test_good_protected_and_real_mode_images_pass() -> None:
     assert violations(img) == []
 
 
-@needs_fixtures
 def test_reserved_control_bit_is_named() -> None:
     img = good_image()
     img["PIN_BASED_VM_EXEC_CONTROL"] |= 1 << 8
@@ -289,7 +285,6 @@ def test_reserved_control_bit_is_named() -> None:
     assert "reserved bit 8 of the pin-based VM-execution controls is 1" in msgs
 
 
-@needs_fixtures
 def test_named_control_the_processor_lacks_and_must_be_1_bits() -> None:
     img = good_image()
     img["CPU_BASED_VM_EXEC_CONTROL"] |= vmcs.PROC_TERTIARY  # Haswell has no tertiary controls
@@ -301,7 +296,6 @@ def test_named_control_the_processor_lacks_and_must_be_1_bits() -> None:
     assert "bit 4 of the VM-entry controls is 0" in got["entry.reserved"][0].message
 
 
-@needs_fixtures
 def test_non_canonical_guest_rip() -> None:
     img = good_image()
     img["GUEST_RIP"] = 0x0000_8000_0000_0000
@@ -310,7 +304,6 @@ def test_non_canonical_guest_rip() -> None:
     assert v.rule.startswith("SDM 27.3.1.4") and "not canonical" in v.rule
 
 
-@needs_fixtures
 def test_eptp_with_walk_length_3() -> None:
     img = good_image()
     img["EPT_POINTER"] = (img["EPT_POINTER"] & ~0x38) | (2 << 3)
@@ -319,7 +312,6 @@ def test_eptp_with_walk_length_3() -> None:
     assert "page-walk length 3 (bits 5:3 = 2)" in v.message
 
 
-@needs_fixtures
 def test_eptp_memory_type_and_reserved_bits() -> None:
     img = good_image()
     img["EPT_POINTER"] = (img["EPT_POINTER"] & ~7) | 1 | 0x100 | (1 << 50)
@@ -329,7 +321,6 @@ def test_eptp_memory_type_and_reserved_bits() -> None:
     assert any("bits 63:46" in m for m in msgs)
 
 
-@needs_fixtures
 def test_vpid_0_with_enable_vpid() -> None:
     img = good_image()
     img["VIRTUAL_PROCESSOR_ID"] = 0
@@ -338,7 +329,6 @@ def test_vpid_0_with_enable_vpid() -> None:
     assert v.field == "VIRTUAL_PROCESSOR_ID"
 
 
-@needs_fixtures
 def test_unrestricted_guest_needs_ept() -> None:
     img = good_image()
     img["SECONDARY_VM_EXEC_CONTROL"] = (img["SECONDARY_VM_EXEC_CONTROL"] & ~vmcs.PROC2_EPT) \
@@ -346,7 +336,6 @@ def test_unrestricted_guest_needs_ept() -> None:
     assert "exec.unrestricted" in rules(img)
 
 
-@needs_fixtures
 def test_control_field_rules() -> None:
     img = good_image()
     img["CR3_TARGET_COUNT"] = 5
@@ -364,7 +353,6 @@ def test_control_field_rules() -> None:
     assert got["exit.msr_lists"][0].field == "VM_EXIT_MSR_LOAD_ADDR"
 
 
-@needs_fixtures
 def test_event_injection_rules() -> None:
     img = good_image()
     img["VM_ENTRY_INTR_INFO_FIELD"] = 1 << 31 | 3 << 8 | 14  # #PF without 'deliver error code'
@@ -378,7 +366,6 @@ def test_event_injection_rules() -> None:
     assert [v.rule_id for v in violations(img)] == ["guest.rflags_if"]
 
 
-@needs_fixtures
 def test_host_state_rules() -> None:
     img = good_image()
     img["HOST_CS_SELECTOR"] = 0
@@ -396,7 +383,6 @@ def test_host_state_rules() -> None:
     assert "PAT entry 0 holds 2" in got["host.pat"][0].message
 
 
-@needs_fixtures
 def test_guest_register_rules() -> None:
     img = good_image()
     img["GUEST_RFLAGS"] = 0x8  # bit 1 clear, reserved bit 3 set
@@ -411,7 +397,6 @@ def test_guest_register_rules() -> None:
     assert got["guest.dtr"][0].field == "GUEST_GDTR_LIMIT"
 
 
-@needs_fixtures
 def test_guest_segment_rules() -> None:
     img = good_image()
     img["GUEST_SS_AR_BYTES"] |= 3 << 5  # SS.DPL 3 while CS.DPL 0 and SS.RPL 0
@@ -428,7 +413,6 @@ def test_guest_segment_rules() -> None:
     assert got["guest.seg.selector"][0].field == "GUEST_LDTR_SELECTOR"
 
 
-@needs_fixtures
 def test_activity_and_interruptibility() -> None:
     img = good_image()
     img["GUEST_ACTIVITY_STATE"] = 4

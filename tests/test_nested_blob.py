@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from dumps import FIXTURES, HASWELL_EP, needs_fixtures
+from dumps import FIXTURES, HASWELL_EP
 
 from pykvm.model import paging
 from pykvm.model.vmcb import VmcbImage
@@ -147,7 +147,6 @@ def test_two_dimensional_walks_give_the_pages_the_l2_expects(vendor):
     assert blob.memory.read(l2_base + L.L2_CODE, len(code)) == code
 
 
-@needs_fixtures
 def test_a_haswell_vmcs_passes_the_checker_too():
     caps = decode_vmx(read_dump(FIXTURES / HASWELL_EP).msrs)
     assert build_blob("vmx", images("vmx"), caps=caps, maxphyaddr=46).violations == []

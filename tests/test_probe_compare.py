@@ -1,4 +1,4 @@
-"""The VT-x / AMD-V comparison table, on the real dumps of ../shared/fixtures/cpuid/."""
+"""The VT-x / AMD-V comparison table, on the real dumps of tests/data/cpuid/."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import capstone
 import pytest
 
 from dumps import (
-    FIXTURES,
-    needs_fixtures,
     CONROE,
+    EVERY,
+    FIXTURES,
     HASWELL_EP,
     SAPPHIRE_RAPIDS,
     WINDSOR,
@@ -30,7 +30,6 @@ from pykvm.probe.vmx import decode_vmx
 EPYC_GUEST = Path(__file__).resolve().parent / "data" / "cpuid_r_epyc.txt"
 
 ZEN = "AuthenticAMD0800F11_K17_Zen3_CPUID.txt"  # a Ryzen 5 1500X: Zen 1, family 17h
-ALL_DUMPS = sorted(p.name for p in FIXTURES.glob("*_CPUID.txt")) if FIXTURES.is_dir() else []
 
 ROW_COUNT = 44
 NO_MECHANISM = re.compile(r"^\(none[:)]")  # a cell that names nothing: never supported
@@ -49,7 +48,6 @@ def fixture(name: str, iommu: str | None = None) -> Comparison:
 # --- real machines --------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_haswell_ep_has_ept_and_vpid_and_no_amd_v() -> None:
     c = fixture(HASWELL_EP)
     assert c.vendor == "GenuineIntel" and c.asids is None
@@ -64,7 +62,6 @@ def test_haswell_ep_has_ept_and_vpid_and_no_amd_v() -> None:
     assert all(row.amd_support is False for row in c.rows)
 
 
-@needs_fixtures
 def test_k8_windsor_has_svm_without_nested_paging() -> None:
     c = fixture(WINDSOR)
     assert c.asids == 64
@@ -76,7 +73,6 @@ def test_k8_windsor_has_svm_without_nested_paging() -> None:
     assert all(row.intel_support is False for row in c.rows)
 
 
-@needs_fixtures
 def test_zen_has_npt_avic_and_32768_asids() -> None:
     c = fixture(ZEN)
     assert c.asids == 32768
@@ -89,7 +85,6 @@ def test_zen_has_npt_avic_and_32768_asids() -> None:
     assert all(row.intel_support is False for row in c.rows)
 
 
-@needs_fixtures
 def test_conroe_has_vmx_without_ept() -> None:
     c = fixture(CONROE)
     assert c.row("insn_run").intel_support is True
@@ -98,7 +93,6 @@ def test_conroe_has_vmx_without_ept() -> None:
     assert c.row("npt_root").note == ""  # no EPT capability to describe
 
 
-@needs_fixtures
 def test_an_unread_msr_is_unknown_not_absent() -> None:
     # The Sapphire Rapids dump allows tertiary controls but lacks IA32_VMX_PROCBASED_CTLS3.
     assert fixture(SAPPHIRE_RAPIDS).row("ipi").intel_support is None
@@ -111,8 +105,7 @@ def test_an_unread_msr_is_unknown_not_absent() -> None:
     assert c.row("structure").note == ""
 
 
-@needs_fixtures
-@pytest.mark.parametrize("name", ALL_DUMPS)
+@pytest.mark.parametrize("name", EVERY)
 def test_every_fixture_gives_a_complete_table(name: str) -> None:
     c = fixture(name)
     assert len(c.rows) == ROW_COUNT
@@ -124,7 +117,6 @@ def test_every_fixture_gives_a_complete_table(name: str) -> None:
             assert row.amd_support is False, row.key
 
 
-@needs_fixtures
 def test_iommu_rows_follow_the_iommu_given() -> None:
     assert (fixture(HASWELL_EP).row("iommu").intel_support, fixture(ZEN).row("iommu").amd_support) \
         == (None, None)  # fmt: skip

@@ -27,7 +27,6 @@ from dumps import (
     SUMMIT_RIDGE,
     WINDSOR,
     ZHAOXIN,
-    needs_fixtures,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -81,14 +80,12 @@ BRANDS = {
 }
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ALL)
 def test_vendor(name: str) -> None:
     assert vendor(table(name)) == name[:12]
     assert summarize(table(name)).vendor in ("GenuineIntel", "AuthenticAMD", "CentaurHauls")
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ALL)
 def test_signature_and_brand(name: str) -> None:
     dump = load(name)
@@ -105,7 +102,6 @@ def test_signature_and_brand(name: str) -> None:
 # --- feature bits ---------------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ALL)
 def test_vmx_svm_and_hypervisor_bits(name: str) -> None:
     s = summarize(table(name))
@@ -128,7 +124,6 @@ FEATURES = {
 }
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", sorted(FEATURES))
 def test_paging_features_and_address_widths(name: str) -> None:
     s = summarize(table(name))
@@ -137,14 +132,12 @@ def test_paging_features_and_address_widths(name: str) -> None:
     assert s.long_mode is True
 
 
-@needs_fixtures
 def test_la57_goes_with_57_bit_linear_addresses() -> None:
     for name in ALL:
         s = summarize(table(name))
         assert s.la57 is (s.linear_addr_bits == 57)
 
 
-@needs_fixtures
 def test_out_of_range_leaves_are_absent_and_their_features_false() -> None:
     windsor = table(WINDSOR)
     assert windsor.max_basic_leaf == 1  # K8 rev F: basic leaves 0 and 1 only
@@ -155,7 +148,6 @@ def test_out_of_range_leaves_are_absent_and_their_features_false() -> None:
     assert windsor.bit(0x8000_0019, "eax", 0) is False
 
 
-@needs_fixtures
 def test_in_range_leaf_missing_from_the_dump_is_unknown() -> None:
     barcelona = table(BARCELONA)
     assert barcelona.max_basic_leaf == 5
@@ -166,14 +158,12 @@ def test_in_range_leaf_missing_from_the_dump_is_unknown() -> None:
     assert barcelona.in_range(0x4000_0000) is None  # hypervisor range: no maximum to go by
 
 
-@needs_fixtures
 def test_all_logical_cpus_agree_on_the_features() -> None:
     for name in ALL:
         summaries = {summarize(cpu.cpuid) for cpu in load(name).cpus}
         assert len(summaries) == 1, name
 
 
-@needs_fixtures
 def test_summary_to_json() -> None:
     data = json.loads(json.dumps(summarize(table(HASWELL_EP)).to_json()))
     assert data["signature"] == {"raw": 0x306F2, "family": 6, "model": 0x3F, "stepping": 2}
@@ -183,7 +173,6 @@ def test_summary_to_json() -> None:
 # --- SVM leaf -------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_svm_k8_windsor_64_asids_no_npt() -> None:
     svm = decode_svm(table(WINDSOR))
     assert svm is not None
@@ -191,7 +180,6 @@ def test_svm_k8_windsor_64_asids_no_npt() -> None:
     assert not svm.npt
 
 
-@needs_fixtures
 def test_svm_barcelona_has_npt() -> None:
     svm = decode_svm(table(BARCELONA))
     assert svm is not None and svm.nasid == 64
@@ -199,7 +187,6 @@ def test_svm_barcelona_has_npt() -> None:
     assert svm.npt and not svm.has("nrip_save")
 
 
-@needs_fixtures
 def test_svm_zen_32768_asids_avic_vmcb_clean() -> None:
     svm = decode_svm(table(SUMMIT_RIDGE))
     assert svm is not None and svm.nasid == 32768
@@ -211,7 +198,6 @@ def test_svm_zen_32768_asids_avic_vmcb_clean() -> None:
     assert "bit11" in svm.features
 
 
-@needs_fixtures
 def test_svm_granite_ridge() -> None:
     svm = decode_svm(table(GRANITE_RIDGE))
     assert svm is not None and svm.features_raw == 0xFEBB_9DFF and svm.nasid == 32768
@@ -221,7 +207,6 @@ def test_svm_granite_ridge() -> None:
     assert svm.unknown_bits == (8, 11, 31)  # set, but named by neither cpufeatures.h nor kcpuid
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", [*INTEL, ZHAOXIN])
 def test_no_svm_leaf_on_intel_or_zhaoxin(name: str) -> None:
     assert decode_svm(table(name)) is None

@@ -25,7 +25,6 @@ from dumps import (
     SUMMIT_RIDGE,
     WINDSOR,
     ZHAOXIN,
-    needs_fixtures,
 )
 
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="executes CPUID: x86-64 only")
@@ -127,7 +126,6 @@ def test_other_architectures_say_so(monkeypatch):
     assert "x86-64" in error and "aarch64" in error
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     "name",
     [CONROE, HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, WINDSOR, BARCELONA, SUMMIT_RIDGE, GRANITE_RIDGE, ZHAOXIN],

@@ -8,7 +8,7 @@ from importlib import resources
 
 import jsonschema
 import pytest
-from dumps import CONROE, FIXTURES, HASWELL_EP, SUMMIT_RIDGE, WINDSOR, needs_fixtures
+from dumps import CONROE, EVERY, FIXTURES, HASWELL_EP, SUMMIT_RIDGE, WINDSOR
 
 from pykvm import system
 from pykvm.cli import main
@@ -63,15 +63,13 @@ def test_sections_and_the_table_output(capsys):
     assert "can run KVM guests" in out
 
 
-@needs_fixtures
-@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*.txt")) if FIXTURES.is_dir() else [])
+@pytest.mark.parametrize("name", EVERY)
 def test_every_dump_decodes_to_valid_json(capsys, name):
     code, doc = probe_json(capsys, "--from-dump", str(FIXTURES / name))
     assert code == 0  # every fixture has VT-x or AMD-V
     assert doc["origin"] == str(FIXTURES / name) and "kvm" in doc and doc["kvm"] is None
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     "name, acceleration, paging, tagging",
     [
@@ -87,7 +85,6 @@ def test_dump_verdicts(name, acceleration, paging, tagging):
     assert verdict.usable is None and verdict.exit_code == 0
 
 
-@needs_fixtures
 def test_windsor_reports_its_64_asids():
     report = probe(FIXTURES / WINDSOR)
     assert report.svm.nasid == 64 and not report.svm.has("npt")
@@ -105,7 +102,6 @@ def test_empty_dump(tmp_path, capsys):
     assert err.startswith(f"pykvm: error: {empty}: ") and err.count("\n") == 1
 
 
-@needs_fixtures
 def test_malformed_and_truncated_dumps_name_the_line(tmp_path, capsys):
     lines = (FIXTURES / HASWELL_EP).read_text(errors="replace").splitlines()
     cpuid_at = next(i for i, line in enumerate(lines) if line.startswith("CPUID 00000001"))
@@ -140,7 +136,6 @@ def test_missing_kvm_device_still_reports_the_cpu(monkeypatch, capsys):
     assert "does not exist" in fail["message"] and fail["fix"]
 
 
-@needs_fixtures
 def test_unreadable_msr_device_is_reported_and_the_rest_prints(monkeypatch, tmp_path, capsys):
     """A VT-x host whose /dev/cpu/N/msr is missing: the hardware VMX source carries the fix."""
     haswell = read_dump(FIXTURES / HASWELL_EP)
@@ -163,7 +158,6 @@ def host_info(module: str, **params):
     return dataclasses.replace(info, backend=backend, device=device, api_version=12, guest_vmx=False, guest_svm=False)
 
 
-@needs_fixtures
 def test_intel_host_with_nested_off_says_how_to_turn_it_on():
     haswell = probe(FIXTURES / HASWELL_EP)
     verdict = report_mod.judge(haswell.cpu, haswell.vmx, None, host_info("kvm_intel", nested=False, ept=True, vpid=True))
@@ -173,7 +167,6 @@ def test_intel_host_with_nested_off_says_how_to_turn_it_on():
     assert "modprobe kvm_intel nested=1" in nested.fix
 
 
-@needs_fixtures
 def test_amd_host_with_npt_off_warns():
     zen = probe(FIXTURES / SUMMIT_RIDGE)
     verdict = report_mod.judge(zen.cpu, (), zen.svm, host_info("kvm_amd", nested=True, npt=False))
@@ -182,7 +175,6 @@ def test_amd_host_with_npt_off_warns():
     assert paging.level == "warn"
 
 
-@needs_fixtures
 def test_vmx_cpu_without_kvm_module_says_load_it():
     haswell = probe(FIXTURES / HASWELL_EP)
     info = collect_kvm("/nonexistent/kvm")
@@ -219,7 +211,6 @@ def test_compare_marks_this_host(capsys):
     assert "Intel VT-x" in out and "AMD-V" in out and "what this host supports" in out
 
 
-@needs_fixtures
 def test_compare_from_a_dump(capsys):
     assert main(["compare", "--json", "--from-dump", str(FIXTURES / SUMMIT_RIDGE)]) == 0
     doc = json.loads(capsys.readouterr().out)

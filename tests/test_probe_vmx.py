@@ -21,7 +21,6 @@ from dumps import (
     INTEL,
     SAPPHIRE_RAPIDS,
     ZHAOXIN,
-    needs_fixtures,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -62,7 +61,6 @@ def vmx(name: str) -> VmxCapabilities:
 # --- Conroe: the first VMX generation -------------------------------------------------------------
 
 
-@needs_fixtures
 def test_conroe_basic() -> None:
     basic = vmx(CONROE).basic
     assert basic.raw == 0x001A_0400_0000_0007
@@ -70,7 +68,6 @@ def test_conroe_basic() -> None:
     assert basic.dual_monitor_smm and not basic.true_controls and not basic.ins_outs_info
 
 
-@needs_fixtures
 def test_conroe_has_no_secondary_controls_so_no_ept_or_vpid() -> None:
     caps = vmx(CONROE)
     # IA32_VMX_PROCBASED_CTLS = 77B9FFFE_0401E172: bit 63 (31 of allowed-1) is clear.
@@ -83,7 +80,6 @@ def test_conroe_has_no_secondary_controls_so_no_ept_or_vpid() -> None:
     assert caps.missing_msrs == ()  # nothing that should exist is missing
 
 
-@needs_fixtures
 def test_conroe_forces_cr3_exiting_and_debug_controls() -> None:
     caps = vmx(CONROE)
     assert caps.procbased is not None and caps.exit is not None and caps.entry is not None
@@ -100,7 +96,6 @@ def test_conroe_forces_cr3_exiting_and_debug_controls() -> None:
 # --- Haswell-EP -----------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_haswell_ep() -> None:
     caps = vmx(HASWELL_EP)
     assert caps.basic.true_controls and caps.basic.ins_outs_info and caps.basic.revision_id == 0x12
@@ -122,7 +117,6 @@ def test_haswell_ep() -> None:
     assert caps.vmfunc is None and caps.missing_msrs == (0x491,)
 
 
-@needs_fixtures
 def test_haswell_true_controls_make_default1_controls_optional() -> None:
     caps = vmx(HASWELL_EP)
     assert caps.procbased is not None and caps.procbased.true_msr == 0x48E
@@ -137,7 +131,6 @@ def test_haswell_true_controls_make_default1_controls_optional() -> None:
     assert caps.procbased.setting("bit1") is Setting.FORCED  # reserved default-1 bit, still forced
 
 
-@needs_fixtures
 def test_haswell_misc_and_fixed_bits() -> None:
     caps = vmx(HASWELL_EP)
     misc = caps.misc
@@ -156,7 +149,6 @@ def test_haswell_misc_and_fixed_bits() -> None:
 # --- Sapphire Rapids and Alder Lake-N -------------------------------------------------------------
 
 
-@needs_fixtures
 def test_sapphire_rapids_5_level_ept_and_tertiary_controls() -> None:
     caps = vmx(SAPPHIRE_RAPIDS)
     assert caps.ept_vpid is not None
@@ -177,7 +169,6 @@ def test_sapphire_rapids_5_level_ept_and_tertiary_controls() -> None:
     assert caps.procbased2.may_be_1 == 0xCFFF_3FFF and not caps.vmcs_shadowing
 
 
-@needs_fixtures
 def test_alder_lake_n_4_level_ept_only() -> None:
     caps = vmx(ALDER_LAKE_N)
     assert caps.ept_vpid is not None and caps.ept_vpid.max_walk_length == 4
@@ -187,7 +178,6 @@ def test_alder_lake_n_4_level_ept_only() -> None:
 # --- Zhaoxin (CentaurHauls) -----------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_zhaoxin_vmx() -> None:
     caps = vmx(ZHAOXIN)
     assert caps.basic.revision_id == 7 and caps.basic.true_controls
@@ -198,7 +188,6 @@ def test_zhaoxin_vmx() -> None:
     assert load(ZHAOXIN).msrs[0x3A] == 0x5  # IA32_FEATURE_CONTROL: locked, VMX outside SMX
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", AMD)
 def test_amd_dumps_have_no_vmx_msrs(name: str) -> None:
     assert decode_vmx(load(name).msrs) is None
@@ -208,7 +197,6 @@ def test_amd_dumps_have_no_vmx_msrs(name: str) -> None:
 # --- consistency on all real data -----------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", VMX_DUMPS)
 def test_real_data_is_consistent(name: str) -> None:
     caps = vmx(name)
@@ -228,14 +216,12 @@ def test_real_data_is_consistent(name: str) -> None:
     assert caps.basic.memory_type_name == "WB" and caps.basic.vmcs_size <= 4096
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", [HASWELL_EP, ALDER_LAKE_N, SAPPHIRE_RAPIDS, ZHAOXIN])
 def test_every_logical_cpu_reports_the_same_vmx_capabilities(name: str) -> None:
     decoded = {decode_vmx(cpu.msrs) for cpu in load(name).cpus}
     assert len(decoded) == 1
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", VMX_DUMPS)
 def test_to_json(name: str) -> None:
     data = json.loads(json.dumps(vmx(name).to_json()))
@@ -274,7 +260,6 @@ def test_tertiary_is_allowed_1_only() -> None:
     assert [c.name for c in t.controls if c.may_be_1] == ["IPI virtualization", "bit63"]
 
 
-@needs_fixtures
 def test_decode_vmx_tertiary_and_vmfunc_when_present() -> None:
     msrs = dict(load(SAPPHIRE_RAPIDS).msrs)
     msrs[0x491] = 0x1  # EPTP switching

@@ -2,7 +2,8 @@
 
 The decoding layer (:mod:`.dump`, :mod:`.cpuid`, :mod:`.svm`, :mod:`.vmx`) is pure Python: it
 turns raw register values into frozen dataclasses and touches no device. It is tested on real
-CPUID/MSR dumps of Intel, AMD and Zhaoxin processors (``../shared/fixtures/cpuid/``).
+CPUID/MSR dumps of Intel, AMD and Zhaoxin processors, kept in the repository under
+``tests/data/cpuid/``.
 Like every module under ``pykvm/probe/``, it depends on nothing above ``pykvm/ioctl.py``.
 """
 

@@ -2,7 +2,8 @@
 
 Two formats are read, and told apart by their first non-blank line (see ``cpuid -r`` below).
 
-The format, as published by InstLatx64 (see ``../shared/fixtures/cpuid/README.md``)::
+The format, as published by InstLatx64 (real examples: ``tests/data/cpuid/``, described in its
+``README.md``)::
 
     ------[ CPUID Registers / Logical CPU #0 ]------        (older dumps: "Logical CPU #0")
     CPUID 00000000: 00000020-756E6547-6C65746E-49656E69 [GenuineIntel]
@@ -12,7 +13,20 @@ The format, as published by InstLatx64 (see ``../shared/fixtures/cpuid/README.md
     MSR 00000049: < FAILED >
     MSR 000000E7: 0000-0000-81C3-8125 [S200]
 
-* ``[SL nn]`` is the sub-leaf (ECX input, hex); a line without it is sub-leaf 0.
+* ``[SL nn]`` is the sub-leaf (ECX input, hex). A line without it is sub-leaf 0 when it is the
+  only untagged line of its leaf in its section.
+* Older dumps have no ``[SL nn]`` tags and list a leaf's sub-leaves as repeated lines, e.g. four
+  ``CPUID 00000004:`` lines in a row for four caches. So within one section (the count restarts
+  at every ``------[ ... ]------`` header, and the text before the first header is a section too)
+  the untagged lines of a leaf are its sub-leaves 0, 1, 2, ... in the order they appear.
+* An untagged line identical to the one before it is still the next sub-leaf, not a duplicate:
+  sub-leaves with equal registers are real (a run of all-zero sub-leaves of leaf 0Dh, say), and
+  dropping one would renumber every sub-leaf after it.
+* Tagged and untagged lines of the same leaf in one section are not an error in themselves: the
+  untagged ones are numbered as above, the tagged ones take their tag. Two lines that land on
+  the same sub-leaf of the same logical CPU (in one section or in two) must agree: the same
+  record twice is harmless, two different values raise :class:`DumpFormatError` naming the line
+  it differs from (and, for an untagged line, which untagged line of the leaf it was).
 * Anything after the registers in brackets is a free-form comment (it can hold unbalanced
   brackets, e.g. ``[L2: 2048 KB] / L3: 0 KB]``) and is ignored.
 * A register read several times (AIDA64 samples some and marks all but the last ``[S200]``) keeps
@@ -208,18 +222,27 @@ class _CpuBuilder:
         self.failed: set[int] = set()
 
     def add_cpuid(
-        self, leaf: int, sub: int, regs: tuple[int, int, int, int], where: _Where
+        self,
+        leaf: int,
+        sub: int,
+        regs: tuple[int, int, int, int],
+        where: _Where,
+        untagged_nth: int | None = None,
     ) -> None:
-        # The same record twice is harmless; two different values are not.
+        # The same record twice is harmless; two different values are not. ``untagged_nth`` is
+        # set when ``sub`` was inferred from the line's position (the n-th untagged line, from 1).
         previous = self.cpuid.get((leaf, sub))
         if previous is None:
             self.cpuid[(leaf, sub)] = (regs, where.lineno)
         elif previous[0] != regs:
+            how = "" if untagged_nth is None else (
+                f" (untagged line {untagged_nth} of the leaf in its section)"
+            )
             raise DumpFormatError(
                 where.source,
                 where.lineno,
                 where.line,
-                f"CPUID {leaf:08X} sub-leaf {sub:#x} of logical CPU #{where.cpu} "
+                f"CPUID {leaf:08X} sub-leaf {sub:#x}{how} of logical CPU #{where.cpu} "
                 f"differs from line {previous[1]}",
             )
 
@@ -327,6 +350,7 @@ def parse_dump(text: str, source: str = "<string>") -> Dump:
     info: dict[str, str] = {}
     section = ""
     section_cpu: int | None = None
+    untagged: dict[int, int] = {}  # leaf -> its untagged lines so far in this section
     n_cpuid = 0
 
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -338,6 +362,7 @@ def parse_dump(text: str, source: str = "<string>") -> Dump:
             section = sm.group("title")
             cm = _CPU_IN_TITLE_RE.search(section)
             section_cpu = int(cm.group(1)) if cm else None
+            untagged = {}
             continue
         if not _is_candidate(stripped):
             if section in _INFO_SECTIONS:
@@ -353,10 +378,15 @@ def parse_dump(text: str, source: str = "<string>") -> Dump:
             if m.group("comment") and _SL_RE.match(m.group("comment")):
                 raise DumpFormatError(source, lineno, line, "malformed sub-leaf marker")
             leaf = int(m.group("leaf"), 16)
-            sub = int(m.group("sub"), 16) if m.group("sub") else 0
+            nth: int | None = None
+            if m.group("sub"):
+                sub = int(m.group("sub"), 16)
+            else:  # older dumps: the n-th untagged line of a leaf in a section is sub-leaf n-1
+                sub = untagged.get(leaf, 0)
+                untagged[leaf] = nth = sub + 1
             cpu_index = 0 if section_cpu is None else section_cpu
             cpus.setdefault(cpu_index, _CpuBuilder()).add_cpuid(
-                leaf, sub, _regs(m), _Where(source, lineno, line, cpu_index)
+                leaf, sub, _regs(m), _Where(source, lineno, line, cpu_index), nth
             )
             n_cpuid += 1
         else:
