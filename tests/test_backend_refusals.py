@@ -139,6 +139,11 @@ def test_the_intel_hosts_kvm_stops_below_the_svm_leaf():
     assert cpuid.has_la57(entries)  # and it offers LA57, which its backend refuses
 
 
+@pytest.mark.parametrize("source", [INTEL_KVM, AMD_GUEST], ids=["intel", "amd"])
+def test_both_vendors_kvm_offer_x2apic_which_the_smp_guest_turns_on(source):
+    assert _reg(_entries(source), 1, "ecx") & cpuid.X2APIC_ECX_BIT
+
+
 def test_a_given_svm_leaf_and_vmx():
     entries = _entries(AMD_GUEST)
     svm = cpuid.advertise(entries, "svm", svm_leaf=(1, 8, 0, 1))

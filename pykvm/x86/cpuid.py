@@ -10,6 +10,7 @@ LEAF_FEATURES = 0x1
 LEAF_TOPOLOGY = (0xB, 0x1F)
 LEAF_EXT_FEATURES = 0x7
 LA57_ECX_BIT = 1 << 16
+X2APIC_ECX_BIT = 1 << 21  # CPUID.1:ECX[21]: KVM's in-kernel LAPIC emulates x2APIC on any host
 
 
 def guest_cpuid(supported, vcpu_id: int) -> list:
