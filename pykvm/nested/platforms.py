@@ -1,7 +1,8 @@
 """Reference platforms: run a multiboot kernel on QEMU TCG or Bochs and collect its serial output.
 
-This machine's KVM cannot run VMX or SVM inside a guest; two software emulators can (see
-``reference-platforms.md`` in the shared notes):
+A KVM without nesting (kvm_pvm, or kvm_intel/kvm_amd with nested=0) cannot run VMX or SVM
+inside a guest; two software emulators can (README.md, "Hypervisors inside pykvm", lists their
+packages and known deviations):
 
 - **QEMU TCG** (``run_qemu``) emulates SVM with nested paging, no VMX. It boots the multiboot
   kernel itself (``-kernel``, modules through ``-initrd``) and ends when the kernel writes to
