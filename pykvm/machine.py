@@ -546,7 +546,11 @@ class Machine:
     def _unexpected(self, exit, vcpu):
         state = CpuState.capture(vcpu, self.memory)
         if isinstance(exit, exits.Shutdown):
-            raise TripleFault("the guest triple-faulted (KVM_EXIT_SHUTDOWN)", state, exit)
+            message = "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"
+            if state.is_reset_state:  # kvm_amd re-initialises the VMCB at a SHUTDOWN intercept
+                message += ("; KVM had already reset the vCPU when pykvm read it (kvm_amd does so at a "
+                            "shutdown intercept), so these are the reset registers, not the faulting ones")
+            raise TripleFault(message, state, exit)
         if isinstance(exit, exits.Hlt):
             raise UnexpectedExit("the guest halted with nothing to wake it (HLT, no interrupts)", state, exit)
         raise UnexpectedExit(f"unexpected exit: {describe_exit(exit)}", state, exit)

@@ -49,6 +49,9 @@ def disassemble(code: bytes, address: int, bits: int) -> str:
     return ""
 
 
+RESET_RIP, RESET_CS = 0xFFF0, (0xF000, 0xFFFF0000)  # where an x86 CPU starts after RESET or INIT
+
+
 @dataclass(frozen=True)
 class CpuState:
     """Registers and the code at RIP of a vCPU, captured when a run stops."""
@@ -80,6 +83,13 @@ class CpuState:
             rip_linear=rip_linear,
             code=code,
         )
+
+    @property
+    def is_reset_state(self) -> bool:
+        """Whether these are the registers of a vCPU just reset (INIT/power-on: CS F000h based at
+        FFFF0000h, IP FFF0h, CR0.PE clear), not of one that ran."""
+        return (self.regs["rip"] == RESET_RIP and self.segments["cs"][:2] == RESET_CS
+                and not self.control["cr0"] & 1)  # fmt: skip
 
     @property
     def instruction(self) -> str:

@@ -92,9 +92,14 @@ def test_guest_fail_exits_one(built):
 
 
 @pytest.mark.kvm
-def test_triple_fault_reports_registers(built):
+def test_triple_fault_reports_registers(built, kvm_backend):
     result = run_cli("run", built["triple_fault"])
     assert result.returncode == 1
+    if kvm_backend == "kvm_amd":  # the registers are gone by the exit: the report says so
+        assert result.stderr.startswith("pykvm: error: the guest triple-faulted (KVM_EXIT_SHUTDOWN); KVM had "
+                                        "already reset the vCPU")  # fmt: skip
+        assert "\nmode: real" in result.stderr and "rip=0000fff0" in result.stderr and "cs=f000/ffff0000" in result.stderr
+        return
     assert result.stderr.startswith("pykvm: error: the guest triple-faulted (KVM_EXIT_SHUTDOWN)\nmode: long")
     assert "rip=0000000000100007" in result.stderr and "[ud2]" in result.stderr
 

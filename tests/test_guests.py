@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -142,7 +143,7 @@ def test_memory_slots_read_only_and_second_ram(guest):
         assert ram2.view(layout.TEST_RAM2, 4).tobytes() == struct.pack("<I", 0x5A5A1234)
 
 
-def test_triple_fault_is_reported_with_registers(guest):
+def test_triple_fault_is_reported_with_registers(guest, backend):
     with Machine() as m:
         m.load_flat(guest("triple_fault"), "long")
         assert isinstance(m.vcpu.run(), exits.Shutdown)  # the raw exit
@@ -150,6 +151,11 @@ def test_triple_fault_is_reported_with_registers(guest):
         with pytest.raises(TripleFault) as info:
             m.run(timeout=10)
     state = info.value.state
+    if backend == "kvm_amd":  # svm.c's shutdown_interception re-initialises the VMCB before the exit
+        assert state.is_reset_state and state.mode == "real"
+        assert "KVM had already reset the vCPU" in str(info.value)
+        return
+    assert not state.is_reset_state and "reset" not in str(info.value)
     assert state.mode == "long"
     assert state.code[:2] == b"\x0f\x0b" and state.instruction == "ud2"
     assert "rip=0000000000100007" in info.value.report()
@@ -179,3 +185,16 @@ def test_runaway_guest_is_stopped_by_the_timeout(guest):
             m.run(timeout=0.5)
     assert m.console_output == b"spinning\n"
     assert info.value.state.code[:2] == b"\xeb\xfe"  # jmp .
+
+
+def test_the_reset_state_is_told_from_a_state_that_ran():
+    from pykvm.report import CpuState
+
+    regs = {name: 0 for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+                                 "r11", "r12", "r13", "r14", "r15", "rflags")}  # fmt: skip
+    reset = CpuState(regs={**regs, "rip": 0xFFF0}, segments={"cs": (0xF000, 0xFFFF0000, 0xFFFF)},
+                     control={"cr0": 0x60000010}, mode="real", bits=16, rip_linear=0xFFFFFFF0, code=b"")  # fmt: skip
+    assert reset.is_reset_state
+    assert not dataclasses.replace(reset, control={"cr0": 0x60000011}).is_reset_state  # protected mode
+    assert not dataclasses.replace(reset, regs={**regs, "rip": 0x7C00}).is_reset_state
+    assert not dataclasses.replace(reset, segments={"cs": (0xF000, 0xF0000, 0xFFFF)}).is_reset_state  # CS loaded
