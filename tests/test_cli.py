@@ -114,12 +114,19 @@ def test_runaway_guest_is_stopped_by_timeout(built):
 
 @pytest.mark.kvm
 def test_ctrl_c_stops_the_guest_and_reports_it(built):
+    # As at a terminal: SIGINT handled by default, even where the suite itself was started with it
+    # ignored (a background job of a shell without job control), which a child would inherit.
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", built["spin"], "--mode", "real"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "spinning\n"  # the guest is at (or right before) its endless loop
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "spinning\n"  # the guest is at (or right before) its endless loop
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # a failed test leaves no spinning guest behind
+        proc.wait()
     assert proc.returncode == 130
     assert err.startswith("pykvm: error: interrupted (Ctrl-C)\nmode: real") and "[jmp 0x1010]" in err
 
