@@ -237,3 +237,17 @@ def test_a_host_without_the_packages_cannot_run_it_and_says_what_to_install(monk
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert refhost.main(["--setup"]) == 4
     assert "--setup needs root" in capsys.readouterr().err
+
+
+def test_the_console_finds_the_ready_line_and_soft_lockups(tmp_path, capsys):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"[    1.0] random noise\nrefhost-init: kvm ready at 3.1 s; nested=1\n"
+                    b"[  128.6] watchdog: BUG: soft lockup - CPU#0 stuck for 44s! [kworker/0:0:7]\n"
+                    b"[  156.6] watchdog: BUG: soft lockup - CPU#1 stuck for 70s! [swapper/1:0]\npart")
+    console = refhost.Console(str(log), verbose=False)
+    console.pump()
+    assert console.ready_at is not None and console.stuck == 70
+    assert console.partial == b"part"
+    err = capsys.readouterr().err
+    assert "random noise" not in err and "kvm ready" not in err
+    assert err.count("soft lockup") == 2
