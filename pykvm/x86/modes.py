@@ -143,30 +143,24 @@ def _backend() -> str:
     return kvm_backend() or "this KVM"
 
 
-#: The optional parts of a mode that a backend may refuse although KVM's supported CPUID offers
-#: them (kvm_pvm on Intel hosts: CR4.LA57), with the mode's state without that part.
-_OPTIONAL_PARTS = (
-    ("5-level paging (CR4.LA57)", lambda mode, la57: la57, lambda sregs, mode: setup_sregs(sregs, mode, False)),
-    ("paging outside long mode (CR0.PG)", lambda mode, la57: mode in (Mode.PAGED, Mode.PAE),
-     lambda sregs, mode: setup_sregs(sregs, Mode.PROTECTED)),
-)
-
-
 def _refused_part(vcpu, mode: Mode, la57: bool) -> str | None:
     """After KVM_SET_SREGS refused ``mode`` with EINVAL: the optional part of it that the backend
-    refuses, found by loading the same mode without that part (None: the whole state was refused,
-    so the refusal is not the backend's limit but a bad state)."""
-    for name, applies, without in _OPTIONAL_PARTS:
-        if not applies(mode, la57):
-            continue
-        sregs = vcpu.get_sregs()
-        without(sregs, mode)
-        try:
-            vcpu.set_sregs(sregs)
-        except KvmError:
-            continue
-        return name
-    return None
+    refuses although KVM's supported CPUID offers it (kvm_pvm on Intel hosts: CR4.LA57), found by
+    loading the same mode without that part. None: the state without it was refused too, so the
+    refusal is not the backend's limit but a bad state."""
+    if la57:
+        name, without = "5-level paging (CR4.LA57)", mode  # the same mode, 4-level
+    elif mode in (Mode.PAGED, Mode.PAE):
+        name, without = "paging outside long mode (CR0.PG)", Mode.PROTECTED
+    else:
+        return None
+    sregs = vcpu.get_sregs()
+    setup_sregs(sregs, without)
+    try:
+        vcpu.set_sregs(sregs)
+    except KvmError:
+        return None
+    return name
 
 
 def cpu_mode(sregs) -> Mode:
