@@ -1,7 +1,8 @@
 /* timer.S - take TICKS timer interrupts from the i8254 PIT through the IOAPIC and the local APIC.
  * Mode: 64-bit long mode, needs the in-kernel irqchip and PIT    Load: flat at GPA 0x100000, entry = first byte
  * Exits: SYNC(vector) for the first tick (0x30 if it came in on IOAPIC pin 0, 0x32 on pin 2),
- *        SYNC(TICKS) after the last one, then DONE(0); HLT waits are handled in the kernel.
+ *        SYNC(ticks) after the last one (TICKS, or more where one lands before the cli), then
+ *        DONE(0); HLT waits are handled in the kernel.
  * PIT channel 0 runs in mode 2 at 1193182 / 11932 Hz (about 100 Hz); the PICs are masked. */
 #include "pykvm.h"
 #include "apic.h"

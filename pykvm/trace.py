@@ -57,6 +57,15 @@ never lets KVM step a CPL0 ``hlt``: it moves RIP past it and does what KVM would
 ``KVM_MP_STATE_HALTED`` (with any ``sti`` interrupt shadow cleared), so that KVM_RUN waits for
 an interrupt.
 
+On VMX and SVM, KVM single-steps with an RFLAGS.TF of its own, which it keeps across a write
+of RFLAGS only while RIP is where KVM_SET_GUEST_DEBUG found it (x86.c, ``__kvm_set_rflags``): a
+KVM_SET_REGS elsewhere (the tracer's own past a ``hlt``, a hypercall handler's result) and every
+instruction KVM's emulator completes (an MMIO access, and on CPUs without decode assists such as
+QEMU's TCG a ``mov cr0``) end the stepping without a word. So there the tracer issues
+KVM_SET_GUEST_DEBUG again before each entry (``scripts/guest_debug_repro.c``, case ``stepemu``,
+shows the lost steps without pykvm). kvm_pvm keeps TF, and arming it again at CPL3, which it
+runs natively, would hand the trap to the guest: there the tracer arms once.
+
 Filters: ``start`` (tracing begins at the first instruction at that linear address), ``end``
 (tracing stops before the instruction at that address), ``only_range=(lo, hi)`` (print only
 instructions at lo <= address < hi; every instruction is still single-stepped) and ``count``
@@ -83,6 +92,7 @@ from .constants import (
     MpState,
 )
 from .ioctl import KvmError
+from .probe.host import kvm_backend
 from .x86.modes import CR0_PE, CR0_PG, EFER_LMA
 
 MAX_INSN = 15  # the longest x86 instruction
@@ -286,6 +296,9 @@ class Tracer:
         self._cpu_column = len(machine.vcpus) > 1
         self._t0: float | None = None
         self._t1: float | None = None
+        # KVM_SET_REGS ends single-stepping on VMX/SVM (see _arm); kvm_pvm keeps it, and arming it
+        # again there at CPL3, which it runs natively, would put the trap in the guest's hands.
+        self._rearm = kvm_backend() != "kvm_pvm"
         self._disasm: dict[int, object] = {}
         self._decoded: dict[tuple[int, int, bytes], tuple[int, str, str]] = {}
         self._views: list[tuple[int, int, memoryview]] = []  # (gpa, end, view) of the memory slots read
@@ -301,7 +314,7 @@ class Tracer:
         self.machine.on_exit(exits.Debug, self._debug_exit)
         for vcpu in self.machine.vcpus:
             cpu = _Cpu(vcpu, self.sync_regs)
-            vcpu.set_guest_debug(GUESTDBG_ENABLE | GUESTDBG_SINGLESTEP)
+            self._arm(cpu)
             cpu.active = True
             if cpu.sync:
                 cpu.saved_valid_regs = vcpu.kvm_run.kvm_valid_regs
@@ -394,6 +407,8 @@ class Tracer:
                                 return halted
                         elif mnemonic.startswith("iret"):
                             cpu.iret_target = self._iret_target(cpu, mnemonic)
+                    if self._rearm and cpu.active:
+                        self._arm(cpu)
             exit = run()
             if not cpu.active:
                 return exit
@@ -411,6 +426,12 @@ class Tracer:
             return exit
 
         return traced_run
+
+    @staticmethod
+    def _arm(cpu: _Cpu) -> None:
+        """Single-step ``cpu`` from where it is now (KVM_SET_GUEST_DEBUG). On VMX/SVM again
+        before each entry: see the module's notes."""
+        cpu.vcpu.set_guest_debug(GUESTDBG_ENABLE | GUESTDBG_SINGLESTEP)
 
     @staticmethod
     def _debug_exit(exit, vcpu) -> None:
@@ -435,14 +456,26 @@ class Tracer:
         """After an exit handler ran: take the registers the guest resumes with, and print what the
         handler changed (a hypercall's result in RAX, say)."""
         cpu.refresh = False
-        before = cpu.state
         now = self._read_ioctl(cpu)
+        self._handler_changes(cpu, cpu.state, now)
+        self._set_state(cpu, now)
+
+    def _handler_changes(self, cpu: _Cpu, before: _State, now: _State) -> None:
+        """Print, as an ``(exit handler)`` line, what differs between the state the guest was left
+        in at an exit (``before``) and the one it resumed with (``now``)."""
         changes = self._diff(before, now, None)
         if changes:
             address = before.sregs.linear(before.rip)
             self._print(TraceRecord(self.steps, cpu.vcpu.id, before.sregs.bits, address, before.rip, b"",
                                     "(exit handler)", "", tuple(changes), kind="host"), address)
-        self._set_state(cpu, now)
+
+    def _fell_through(self, cpu: _Cpu, state: _State) -> _State:
+        """``state`` with RIP past the pending instruction: a fast-path port write exits with RIP
+        still on it, and is shown as it will complete."""
+        next_rip = self._next_rip(cpu.state, self._pending(cpu))
+        if next_rip is None:
+            return state
+        return _State(state.regs[:_RIP] + (next_rip,) + state.regs[_RIP + 1:], state.sregs)
 
     def _step(self, cpu: _Cpu) -> None:
         """A single-step exit: the pending instruction has completed."""
@@ -451,6 +484,7 @@ class Tracer:
         if cpu.emitted:  # printed at its exit already (a port write on the fast path)
             cpu.emitted = False
             cpu.note = None
+            self._handler_changes(cpu, self._fell_through(cpu, before), now)
         elif cpu.gap:  # back from code that does not single-step
             cpu.gap = False
             self._untraced(cpu, before, now, None)
@@ -522,11 +556,12 @@ class Tracer:
         if isinstance(exit, _READS) and not completed:
             cpu.note = note  # printed when the read completes, with its result
             return
-        self._emit(cpu, before, now, note)
         if completed:  # KVM emulated it: no single-step exit will follow for it
+            self._emit(cpu, before, now, note)
             cpu.refresh = True
             self._set_state(cpu, now)
-        else:  # it completes at the next entry, with a single-step exit
+        else:  # a write on the fast path: it completes at the next entry, with a single-step exit
+            self._emit(cpu, before, self._fell_through(cpu, now), note)
             cpu.emitted = True
 
     def _plausible(self, cpu: _Cpu, exit, before: _State, now: _State, completed: bool) -> bool:

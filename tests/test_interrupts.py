@@ -146,12 +146,14 @@ def test_overlapping_device_ranges_are_refused():
 
 
 def test_a_flooding_console_stays_bounded(guest):
-    with Machine(console_limit=4096) as m:
+    # 512 bytes: a slow host (kvm_amd under QEMU TCG writes about 4000 a second) still overflows it
+    with Machine(console_limit=512) as m:
         m.load_flat(guest("flood"), "real")
         with pytest.raises(GuestTimeout):
             m.run(timeout=1)
-    assert len(m.console_output) == 4096 and set(m.console_output) == {ord("x")}
-    assert m.console_dropped + 4096 == m.stats.count["console 0xe9"]  # every byte counted, few kept
+    assert len(m.console_output) == 512 and set(m.console_output) == {ord("x")}
+    assert m.console_dropped > 0
+    assert m.console_dropped + 512 == m.stats.count["console 0xe9"]  # every byte counted, few kept
 
 
 def test_smp_needs_the_irqchip():
