@@ -226,7 +226,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_a_host_without_the_packages_cannot_run_it_and_says_what_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(refhost, "environment", lambda kernel=None: (
+    monkeypatch.setattr(refhost, "environment", lambda kernel=None, qemu=None: (
         {"qemu": None, "busybox": "/bin/busybox", "kernel": None, "root": False},
         ["qemu-system-x86", "linux-image-amd64"]))
     assert refhost.main(["--", "true"]) == 4
