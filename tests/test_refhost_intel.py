@@ -276,6 +276,10 @@ def test_bochsrc_is_headless_vmx_with_three_disks_and_three_socket_ports(tmp_pat
     assert "vgaromimage: file=%s" % ri.VGA_BIOS in lines
     assert "panic: action=fatal" in lines and "log: /x/bochs.log" in lines
     assert "info: action=ignore" in lines
+    assert "clock: sync=none, time0=local" in lines
+    assert "cpu: model=corei7_haswell_4770, count=1, ips=100000000, reset_on_triple_fault=1" in lines
+    assert "clock: sync=realtime, time0=local" in ri.bochsrc(str(iso), str(sys_img), str(job), [1, 2, 3],
+                                                             clock="realtime")
     assert "info: action=report" in ri.bochsrc(str(iso), str(sys_img), str(job), [1, 2, 3],
                                                verbose=True)
     assert ri.DEBUGGER_RC == "c\nquit\n"
@@ -387,6 +391,9 @@ def test_usage_errors(capsys):
 def test_parser_defaults_and_split():
     args = ri.parser().parse_args([])
     assert (args.timeout, args.megs, args.cpu, args.kvm_intel) == (900, 1024, "corei7_skylake_x", "")
+    assert (args.clock, args.ips, args.append) == ("none", 100000000, "")
+    args = ri.parser().parse_args(["--clock", "realtime", "--ips", "5000000", "--append", "nokaslr"])
+    assert (args.clock, args.ips, args.append) == ("realtime", 5000000, "nokaslr")
     assert ri.refhost.split_argv(["--times", "--", "python", "--", "x"]) == (["--times"],
                                                                              ["python", "--", "x"])
 
