@@ -405,3 +405,17 @@ def test_check_names_debian_packages(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "apt-get install bochs vgabios" in out
     assert "missing (package bochs-term)" in out
+
+
+def test_a_stale_bochs_lock_is_removed_but_not_one_in_use(tmp_path):
+    img = tmp_path / "sys.img"
+    img.write_bytes(b"\0" * 512)
+    lock = tmp_path / "sys.img.lock"
+    lock.write_text("")
+    with open(img, "rb"):
+        assert ri.image_in_use(str(img))
+        ri.clear_stale_lock(str(img))
+        assert lock.exists()
+    ri.clear_stale_lock(str(img))
+    assert not lock.exists()
+    ri.clear_stale_lock(str(img))  # no lock: nothing to do
