@@ -34,7 +34,9 @@ Markers and options
     ``run_guest`` are marked ``kvm`` by the plugin. Where the host lacks what a test needs (no
     /dev/kvm, a capability, a mode the backend cannot run, the toolchain) the test is skipped
     with the reason; ``--kvm-required`` (or ``kvm_required = true`` in the ini file) makes each
-    such skip a failure, for CI runners that must have KVM.
+    such skip a failure, for CI runners that must have KVM. ``--kvm-backend=kvm_amd`` (or
+    kvm_intel, kvm_pvm) fails every KVM test unless that module serves /dev/kvm, so that a tier
+    meant for one backend cannot pass on another.
 
 Every pytest-xdist worker makes its own VMs; the image cache is shared (written by atomic rename).
 """
@@ -657,6 +659,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("kvm_required", type="bool", default=False,
                   help="as --kvm-required: tests this host cannot run fail instead of skipping")
+    group.addoption(
+        "--kvm-backend", default=None, metavar="MODULE", dest="kvm_backend",
+        help="fail the KVM tests unless this module (kvm_intel, kvm_amd, kvm_pvm) serves /dev/kvm: "
+             "for a tier meant to run against one backend",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -674,8 +681,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if reason:
         then = "fail (--kvm-required)" if state.required else "skip"
         return [f"pykvm: no KVM here ({reason}); tests that need it {then}"]
+    wanted = config.getoption("kvm_backend", None)
     return [f"pykvm: {system.KVM_PATH} served by {_host_kvm_backend() or 'an unknown module'}"
-            + (", --kvm-required" if state.required else "")]
+            + (", --kvm-required" if state.required else "")
+            + (f", --kvm-backend={wanted}" if wanted else "")]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -698,6 +707,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     reason = state.kvm_unavailable()
     if reason:
         state.unable(reason)
+    wanted = item.config.getoption("kvm_backend", None)
+    if wanted and _host_kvm_backend() != wanted:
+        pytest.fail(f"--kvm-backend={wanted}: /dev/kvm is served by "
+                    f"{_host_kvm_backend() or 'an unknown module'}", pytrace=False)
     missing = state.missing_caps(caps)
     if missing:
         backend = _host_kvm_backend() or "an unknown KVM module"

@@ -265,6 +265,7 @@ def test_bad_trace_range_is_a_usage_error(capsys):
 
 
 @pytest.mark.kvm
+@pytest.mark.guest_debug("sw")
 def test_gdb_attaches_to_pykvm_run(built):
     """`pykvm run --gdb :PORT --wait-gdb` with real gdb: break at the first `out`, read rax, detach."""
     if shutil.which("gdb") is None:

@@ -228,6 +228,7 @@ class Client:
 # ---- real gdb ---------------------------------------------------------------------------------------
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("sw", "step")
 def test_gdb_long_mode_break_registers_memory_step_detach(guest):
     with served(guest("hello_long"), "long") as s:
         out = gdb_batch(
@@ -279,6 +280,7 @@ def test_gdb_with_the_architecture_set_first(guest):
 
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("sw", "step")
 def test_gdb_real_mode_is_i8086(guest):
     with served(guest("hello_real"), "real") as s:
         out = gdb_batch(
@@ -309,6 +311,7 @@ def test_gdb_real_mode_is_i8086(guest):
 
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("sw", "step")
 def test_gdb_protected_mode_and_stepping_into_the_guests_exit(guest):
     """32-bit code gets the i386 description; a step over the guest's DONE ends the run under gdb."""
     done_out = 0x10001D  # hello_protected.S: out %eax,(%dx) with EAX = DONE
@@ -357,6 +360,7 @@ def _smp_addresses() -> tuple[int, int]:
 
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("sw", "step")
 def test_gdb_two_vcpus_are_two_threads(guest):
     after_copy, trampoline = _smp_addresses()
     with served(guest("smp"), "long", cpus=2) as s:
@@ -411,6 +415,7 @@ def test_gdb_writes_registers_and_memory(guest):
 
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("hw")
 def test_gdb_hardware_breakpoint_and_watchpoints(guest, backend):
     with served(guest("hello_long"), "long") as s:
         out = gdb_batch(
@@ -432,6 +437,7 @@ def test_gdb_hardware_breakpoint_and_watchpoints(guest, backend):
 
 @pytest.mark.kvm
 @needs_gdb
+@pytest.mark.guest_debug("step")
 def test_gdb_software_watchpoint_single_steps(guest):
     """gdb's own watchpoints (no debug registers) step the guest one instruction at a time, across
     port I/O exits too."""
@@ -655,11 +661,14 @@ def test_ctrl_c_byte_and_thread_packets_with_two_vcpus(guest):
 
 @pytest.mark.kvm
 def test_internal_error_is_shown_to_gdb_then_ends_the_run(guest):
-    """A guest instruction the emulator cannot run stops with SIGILL (or SIGTRAP for a guest's own
-    int3/icebp); resuming ends the run with the UnexpectedExit it would have without gdb."""
+    """A guest instruction KVM cannot run stops with SIGILL (or SIGTRAP for a guest's own
+    int3/icebp); resuming ends the run with the UnexpectedExit it would have without gdb. The
+    instruction: a jump to 0xd0000000, where no memory is, so that KVM's emulator cannot fetch
+    the next one (on every backend: CPL0 code on VMX/SVM runs natively, so an instruction the
+    emulator lacks would just run)."""
     with served(guest("hello_long"), "long") as s:
         c = Client(s.port)
-        assert c.ask(b"M%x,3:0f01d0" % LONG_OUT) == b"OK"  # xgetbv: the emulator cannot run it
+        assert c.ask(b"M%x,7:b8000000d0ffe0" % LONG_OUT) == b"OK"  # mov eax, 0xd0000000; jmp rax
         assert c.ask(b"vCont;c") == b"T04thread:1;"
         assert c.ask(b"vCont;c") == b"X04"
         c.close()

@@ -160,6 +160,30 @@ def test_kvm_required_from_the_ini_file(pytester, no_kvm):
     run(pytester).assert_outcomes(passed=1, errors=3)
 
 
+@pytest.mark.kvm
+def test_kvm_backend_fails_the_kvm_tests_on_another_backend(pytester, backend):
+    """--kvm-backend=X: the KVM tests run where X serves /dev/kvm, and fail (naming the real one)
+    where another does; tests that need no KVM are untouched."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.kvm
+        def test_marked():
+            pass
+
+        def test_uses_a_machine(kvm_machine):
+            kvm_machine()
+
+        def test_needs_nothing():
+            pass
+    """)
+    run(pytester, f"--kvm-backend={backend}").assert_outcomes(passed=3)
+    other = "kvm_intel" if backend != "kvm_intel" else "kvm_amd"
+    result = run(pytester, f"--kvm-backend={other}")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines([f"*--kvm-backend={other}: /dev/kvm is served by {backend}*"])
+
+
 def test_missing_toolchain_skips_or_fails(pytester, monkeypatch):
     monkeypatch.setenv("PYKVM_CC", "/nonexistent/gcc")
     pytester.makepyfile("""

@@ -79,6 +79,35 @@ def test_this_machine_pvm_backend(info):
 
 
 @pytest.mark.kvm
+def test_the_verdict_on_this_host(backend):
+    """pykvm probe's verdict against what the module itself says in /sys: on kvm_intel/kvm_amd
+    VT-x/AMD-V, EPT/NPT and VPID/ASID as its parameters have them, nested as its `nested`
+    parameter says, and with nested off the fix; on kvm_pvm software acceleration, no nesting.
+    (make test-amd boots the kvm_amd reference host with nested=1 and again with nested=0.)"""
+    from pykvm.probe.report import probe as run_probe
+
+    verdict = run_probe().verdict
+    assert verdict.usable is True
+    nested = {f.topic: f for f in verdict.findings}.get("nested")
+    if backend == "kvm_pvm":
+        assert verdict.acceleration == "software (kvm_pvm)" and verdict.nested is False
+        return
+    params = Path("/sys/module", backend, "parameters")
+    on = (params / "nested").read_text().strip() in ("1", "Y", "y")
+    assert verdict.acceleration == {"kvm_amd": "AMD-V", "kvm_intel": "VT-x"}[backend]
+    paging = (params / ("npt" if backend == "kvm_amd" else "ept")).read_text().strip() in ("1", "Y", "y")
+    assert verdict.second_level_paging == ((("NPT" if backend == "kvm_amd" else "EPT")) if paging else None)
+    if backend == "kvm_amd":
+        assert verdict.tlb_tagging == "ASID"
+    assert verdict.nested is on and nested is not None
+    if on:
+        assert nested.level == "ok" and "offered to them" in nested.message
+    else:
+        assert nested.level == "warn" and f"{backend} has nested virtualization off" in nested.message
+        assert nested.fix.startswith(f"reload the module with nested=1: modprobe -r {backend} && modprobe {backend} nested=1")
+
+
+@pytest.mark.kvm
 def test_msr_lists(info):
     assert 0x10 in info.msr_index_list  # IA32_TIME_STAMP_COUNTER is saved and restored
     assert set(info.feature_msrs) <= set(info.msr_feature_index_list)
