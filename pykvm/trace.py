@@ -296,8 +296,9 @@ class Tracer:
         self._cpu_column = len(machine.vcpus) > 1
         self._t0: float | None = None
         self._t1: float | None = None
-        # KVM_SET_REGS ends single-stepping on VMX/SVM (see _arm); kvm_pvm keeps it, and arming it
-        # again there at CPL3, which it runs natively, would put the trap in the guest's hands.
+        # On VMX/SVM KVM drops its single-step TF (module notes): arm again before each entry.
+        # kvm_pvm keeps it, and arming it again at CPL3, which it runs natively, would put the
+        # trap in the guest's hands.
         self._rearm = kvm_backend() != "kvm_pvm"
         self._disasm: dict[int, object] = {}
         self._decoded: dict[tuple[int, int, bytes], tuple[int, str, str]] = {}
