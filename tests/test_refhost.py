@@ -3,8 +3,6 @@ the job script and environment, the QEMU command line, and its usage and exit st
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import shutil
 import struct
@@ -13,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "refhost"
+from script_modules import load_script
 
 
-def load():
-    loader = importlib.machinery.SourceFileLoader("refhost_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("refhost_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
-
-refhost = load()
+refhost = load_script("refhost")
 
 # The lines of Debian 12's 6.1 modules.dep that the 9p stack needs (as seen in 6.1.0-57-amd64).
 MODULES_DEP = """\

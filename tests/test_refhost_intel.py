@@ -4,8 +4,6 @@ job environment, the console's markers, and its usage."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import lzma
 import os
 import shutil
@@ -16,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "refhost-intel"
+from script_modules import load_script
+
 CYL = 16 * 63 * 512
 
 
-def load():
-    loader = importlib.machinery.SourceFileLoader("refhost_intel_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader("refhost_intel_script", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-ri = load()
+ri = load_script("refhost-intel")
 
 
 # ---------------------------------------------------------------------------------------------
