@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 
