@@ -471,8 +471,8 @@ class Tracer:
                                     "(exit handler)", "", tuple(changes), kind="host"), address)
 
     def _fell_through(self, cpu: _Cpu, state: _State) -> _State:
-        """``state`` with RIP past the pending instruction: a fast-path port write exits with RIP
-        still on it, and is shown as it will complete."""
+        """``state`` with RIP past the pending instruction (a fast-path port write exits with RIP
+        still on it, and is shown as it will complete; a ``hlt`` the tracer does itself)."""
         next_rip = self._next_rip(cpu.state, self._pending(cpu))
         if next_rip is None:
             return state
@@ -501,12 +501,10 @@ class Tracer:
         in-kernel irqchip KVM_MP_STATE_HALTED (KVM_RUN waits for an interrupt), without it a Hlt
         exit for the machine, as KVM would have returned."""
         before = cpu.state
-        insn = self._pending(cpu)
-        next_rip = self._next_rip(before, insn)
+        after = self._fell_through(cpu, before)
         regs = cpu.vcpu.get_regs()
-        regs.rip = next_rip
+        regs.rip = after.rip
         cpu.vcpu.set_regs(regs)
-        after = _State(before.regs[:_RIP] + (next_rip,) + before.regs[_RIP + 1:], before.sregs)
         self._emit(cpu, before, after, "halted until an interrupt" if irqchip else "Hlt")
         self._set_state(cpu, after)
         if irqchip:
