@@ -61,7 +61,7 @@ test-amd: setup guests
 	fi
 
 # make test-intel: a real kvm_intel under Bochs (scripts/refhost-intel; Debian's 6.1 kernel, Bochs's
-# Skylake-X VMX model): pykvm probe, pykvm run and tests/test_guests.py inside, about 4 minutes.
+# Skylake-X VMX model): pykvm probe, pykvm run and tests/test_guests.py inside, about 3.5 minutes.
 # test_runaway_guest_is_stopped_by_the_timeout is left out: its `jmp .` guest never gives the
 # emulated host back its timer (Bochs), so nothing can stop it but the outer time limit; and
 # test_device_without_permission, which needs util-linux's setpriv (the userland there is busybox).
