@@ -65,6 +65,23 @@ class Bus:
         self._mmio.sort(key=lambda r: r.start)
         self._mmio_starts = [r.start for r in self._mmio]
 
+    def remove_port(self, port: int, count: int = 1) -> None:
+        """Drop the route registered for exactly ports [port, port + count) (a PCI I/O BAR moving)."""
+        route = self._ports.get(port)
+        if route is None or route.start != port or route.size != count:
+            raise ValueError(f"no route is registered for ports {port:#x}+{count}")
+        for p in range(port, port + count):
+            del self._ports[p]
+
+    def remove_mmio(self, gpa: int, size: int) -> None:
+        """Drop the route registered for exactly guest-physical [gpa, gpa + size) (a PCI memory BAR moving)."""
+        for i, route in enumerate(self._mmio):
+            if route.start == gpa and route.size == size:
+                del self._mmio[i]
+                del self._mmio_starts[i]
+                return
+        raise ValueError(f"no MMIO route is registered for {gpa:#x}+{size:#x}")
+
     def port_route(self, port: int) -> Route | None:
         return self._ports.get(port)
 
