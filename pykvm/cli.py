@@ -10,14 +10,30 @@ import threading
 import time
 
 from . import argtypes, exits
+from . import status as st
 from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
 from .loaders import detect_image
-from .machine import GuestError, GuestInterrupted, Machine, Outcome, describe_exit
+from .machine import GuestError, Machine, Outcome, describe_exit
 from .x86 import layout
 from .x86.modes import Mode
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+# The statuses of pykvm/status.py (one table for every command); EXIT_FAILURE is a command's own
+# "it ran, and the answer is no" (pykvm nested: the run differed from the prediction).
+EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = st.OK, st.USAGE, st.UNAVAILABLE, st.INTERRUPTED
+EXIT_FAILURE = 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with pykvm's usage status (64, which no guest can give) instead of argparse's 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+STATUS_EPILOG = "exit statuses of a guest run (pykvm run):\n" + "\n".join(
+    f"  {code:<4} {meaning}" for code, meaning in st.MEANINGS.items()
+) + "\n  odd  the guest wrote (status >> 1) to isa-debug-exit (1: it wrote 0)\n  1-63 the guest said DONE(status)\n"
 
 RUN_EXAMPLES = """\
 examples:
@@ -60,7 +76,8 @@ parse_timeout = argtypes.number(float, minimum=1e-3, what="a number of seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pykvm", description="A thin hypervisor driver over /dev/kvm.")
+    parser = Parser(prog="pykvm", description="A thin hypervisor driver over /dev/kvm.",
+                    epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     run = sub.add_parser(
@@ -68,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a guest image (flat, ELF or multiboot)",
         description="Run a guest image under /dev/kvm (flat binary, ELF or multiboot kernel, told apart by "
                     "content); the guest console and COM1 go to stdout.",
-        epilog=RUN_EXAMPLES,
+        epilog=RUN_EXAMPLES + "\n" + STATUS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("image", nargs="?", help=f"a flat binary, ELF or multiboot image (default: the built-in "
@@ -115,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this host's VT-x / AMD-V and KVM can do",
         description="Report the CPU's virtualization extensions, the VMX capability MSRs, the SVM leaf, "
                     "what KVM offers, and a verdict: can this host run KVM guests, how, and can they nest. "
-                    "Exit status 0: usable; 4: not usable here.",
+                    "Exit status 0: usable; 66: not usable here.",
         epilog=PROBE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -161,14 +178,16 @@ def _run_document(args, image: str, mode: Mode | None, outcome: Outcome | None, 
         doc["syncs"] = machine.syncs
     if outcome is not None:
         doc["result"] = "fail" if outcome.failure else "done"
-        doc["status"] = outcome.status
+        doc["status"] = st.of_outcome(outcome)
+        doc["guest_status"] = outcome.status
+        doc["via"] = outcome.via
         doc["seconds"] = outcome.seconds
         if outcome.failure:
             f = outcome.failure
             doc["failure"] = {"line": f.line, "value": f.value, "message": f.message}
     if error is not None:
         doc["result"] = "error"
-        doc["status"] = EXIT_FAILURE
+        doc["status"] = st.of_error(error)
         doc["error"] = {"kind": type(error).__name__, "message": str(error),
                         "exit": describe_exit(error.exit) if error.exit is not None else None,
                         "state": error.state.to_json() if error.state else None}
@@ -397,8 +416,11 @@ def cmd_run(args) -> int:
         if close_serial is not None:
             close_serial()
     if error is not None:
-        return EXIT_INTERRUPTED if isinstance(error, GuestInterrupted) else EXIT_FAILURE
-    return outcome.status if 0 <= outcome.status <= 255 else EXIT_FAILURE
+        return st.of_error(error)
+    code = st.of_outcome(outcome)
+    if code == st.GUEST_FAILED and outcome.failure is None and not args.json:
+        _error(f"the guest said DONE({outcome.status}): DONE takes 0-{st.DONE_MAX} (exit status {code})")
+    return code
 
 
 def _probe(from_dump: str | None):
@@ -471,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a bad image or argument (ImageError is one), refused before any guest ran
         return _fail(args, e, str(e), EXIT_USAGE)
     except KvmError as e:
-        return _fail(args, e, str(e), EXIT_FAILURE)
+        return _fail(args, e, str(e), st.HOST_FAILURE)
     except OSError as e:  # a file or address named on the command line that cannot be used
         return _fail(args, e, str(e), EXIT_USAGE)
     except KeyboardInterrupt as e:

@@ -23,12 +23,22 @@ class GuestFailure:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a run ended by the guest's own word: DONE(status) or FAIL (status 1, ``failure`` set)."""
+    """How a run ended by the guest's own word: DONE(status) or FAIL (status 1, ``failure`` set),
+    or a device's (``via`` names it: "isa-debug-exit", "acpi", ...; "done" for the call port).
+    :func:`pykvm.status.of_outcome` turns it into the process exit status."""
 
     status: int
     failure: GuestFailure | None = None
     exits: int = 0
     seconds: float = 0.0
+    via: str = "done"
+
+    @property
+    def exit_status(self) -> int:
+        """The process exit status ``pykvm run`` gives for this outcome (see :mod:`pykvm.status`)."""
+        from .status import of_outcome
+
+        return of_outcome(self)
 
     @property
     def ok(self) -> bool:

@@ -173,13 +173,16 @@ def check_outcome(outcome: Outcome, image: bytes | None = None) -> Outcome:
     if outcome.failure is not None:
         pytest.fail(format_failure(outcome.failure, image), pytrace=False)
     if outcome.status != 0:
-        pytest.fail(f"guest DONE with status {outcome.status} (not 0); run_guest(..., check=False) "
-                    "returns it instead", pytrace=False)
+        said = "wrote to isa-debug-exit: status" if outcome.via == "isa-debug-exit" else "said DONE with status"
+        pytest.fail(f"guest {said} {outcome.status} (not 0; pykvm run would exit {outcome.exit_status}); "
+                    "run_guest(..., check=False) returns it instead", pytrace=False)
     return outcome
 
 
 def _guest_error_message(error: GuestError) -> str:
-    return f"{type(error).__name__}: {error.report()}"
+    from .status import of_error
+
+    return f"{type(error).__name__} (pykvm run would exit {of_error(error)}): {error.report()}"
 
 
 def expect_exit(machine, kind: type | str, /, **fields) -> exits.Exit:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pykvm import system
+from pykvm import status, system
 from pykvm.cli import main, parse_size
 from pykvm.images import guest_image
 
@@ -52,8 +52,8 @@ def test_default_guest_runs_and_exits_zero():
         ("hello_protected", "protected", 0, "Hello from protected mode\n", ""),
         ("cpuid_cpl", "long", 0, None, ""),
         ("sync", "protected", 0, "", ""),
-        ("io", "protected", 1, "", "pykvm: error: unexpected exit: IoOut(port=0x600, size=1, count=1, data=11)\n"),
-        ("page_fault", "long", 1, "", "pykvm: error: guest exception #PF (vector 14) at rip=0x100000 cs=0x8"),
+        ("io", "protected", status.GUEST_STOPPED, "", "pykvm: error: unexpected exit: IoOut(port=0x600, size=1, count=1, data=11)\n"),
+        ("page_fault", "long", status.GUEST_STOPPED, "", "pykvm: error: guest exception #PF (vector 14) at rip=0x100000 cs=0x8"),
     ],
 )
 def test_guests_from_the_command_line(built, name, mode, code, stdout, stderr_start):
@@ -85,16 +85,16 @@ def test_json_is_one_document(built):
 
 
 @pytest.mark.kvm
-def test_guest_fail_exits_one(built):
+def test_guest_fail_exits_70(built):
     result = run_cli("run", built["fail"])
-    assert result.returncode == 1
+    assert result.returncode == status.GUEST_FAILED == 70
     assert result.stderr == "pykvm: error: guest FAIL at line 12: fail.S: expected failure (value 0x2a)\n"
 
 
 @pytest.mark.kvm
 def test_triple_fault_reports_registers(built, kvm_backend):
     result = run_cli("run", built["triple_fault"])
-    assert result.returncode == 1
+    assert result.returncode == status.GUEST_STOPPED == 72
     if kvm_backend == "kvm_amd":  # the registers are gone by the exit: the report says so
         assert result.stderr.startswith("pykvm: error: the guest triple-faulted (KVM_EXIT_SHUTDOWN); KVM had "
                                         "already reset the vCPU")  # fmt: skip
@@ -107,7 +107,7 @@ def test_triple_fault_reports_registers(built, kvm_backend):
 @pytest.mark.kvm
 def test_runaway_guest_is_stopped_by_timeout(built):
     result = run_cli("run", built["spin"], "--mode", "real", "--timeout", "0.5")
-    assert result.returncode == 1
+    assert result.returncode == status.TIMEOUT == 74
     assert result.stdout == "spinning\n"
     assert "the guest ran past the 0.5 s timeout" in result.stderr and "[jmp 0x1010]" in result.stderr
 
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_the_guest_and_reports_it(built):
 def test_unmapped_write_is_reported(built):
     result = run_cli("run", built["wild_write"], "--json")
     doc = json.loads(result.stdout)
-    assert result.returncode == 1
+    assert result.returncode == doc["status"] == status.GUEST_STOPPED
     assert doc["error"]["kind"] == "UnexpectedExit"
     assert doc["error"]["exit"] == "MmioWrite(gpa=0xe0000000, data=55)"
     assert doc["error"]["state"]["regs"]["rax"] == 0xE0000000
@@ -149,22 +149,22 @@ def test_unmapped_write_is_reported(built):
         (["."], ".: is a directory, not a guest image"),
     ],
 )
-def test_bad_images_give_one_line_and_exit_two(args, message, capsys):
-    assert main(["run", *args]) == 2
+def test_bad_images_give_one_line_and_exit_64(args, message, capsys):
+    assert main(["run", *args]) == status.USAGE == 64
     assert capsys.readouterr().err == f"pykvm: error: {message}\n"
 
 
 def test_empty_image(tmp_path, capsys):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    assert main(["run", str(empty)]) == 2
+    assert main(["run", str(empty)]) == status.USAGE
     assert capsys.readouterr().err == f"pykvm: error: {empty}: the image is empty\n"
 
 
 def test_oversized_image(tmp_path, capsys):
     image = tmp_path / "big.bin"
     image.write_bytes(b"\x90" * (2 << 20))
-    assert main(["run", str(image), "--mem", "2M"]) == 2
+    assert main(["run", str(image), "--mem", "2M"]) == status.USAGE
     assert capsys.readouterr().err == (
         f"pykvm: error: {image}: the image ({2 << 20} bytes) is larger than the {1 << 20} bytes "
         "of guest memory it must fit in\n"
@@ -180,20 +180,20 @@ def test_oversized_image(tmp_path, capsys):
     ],
 )
 def test_addresses_outside_guest_memory(built, args, message, capsys):
-    assert main(["run", built["hello_long"], *args]) == 2
+    assert main(["run", built["hello_long"], *args]) == status.USAGE
     assert capsys.readouterr().err == f"pykvm: error: {message}\n"
 
 
-def test_usage_errors_exit_two(capsys):
+def test_usage_errors_exit_64(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--mem", "lots"])
-    assert info.value.code == 2
+    assert info.value.code == status.USAGE == 64
     assert "not a size: 'lots'" in capsys.readouterr().err
 
 
 def test_missing_kvm_device_says_how_to_fix(monkeypatch, capsys):
     monkeypatch.setattr(system, "KVM_PATH", "/nonexistent/kvm")
-    assert main(["run"]) == 4
+    assert main(["run"]) == status.UNAVAILABLE == 66
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("pykvm: error: /nonexistent/kvm does not exist: this host has no KVM.")
@@ -214,7 +214,7 @@ def test_no_permission_on_kvm_device_says_how_to_fix(tmp_path):
     script = f"mount --bind {node} /dev/kvm && exec setpriv --bounding-set=-all --inh-caps=-all " \
              f"{sys.executable} -m pykvm run"
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 4, result.stderr
+    assert result.returncode == status.UNAVAILABLE, result.stderr
     assert result.stderr == (
         "pykvm: error: permission denied opening /dev/kvm: add your user to the 'kvm' group "
         "(sudo usermod -aG kvm $USER, then log in again) or run as root\n"
@@ -261,7 +261,7 @@ def test_trace_from_the_command_line(built, tmp_path):
 def test_bad_trace_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--trace-range", "0x2000-0x1000"])
-    assert info.value.code == 2 and "need 0 <= LO < HI" in capsys.readouterr().err
+    assert info.value.code == status.USAGE and "need 0 <= LO < HI" in capsys.readouterr().err
 
 
 @pytest.mark.kvm
@@ -292,13 +292,13 @@ def test_gdb_attaches_to_pykvm_run(built):
 
 
 def test_gdb_and_trace_do_not_mix(capsys):
-    assert main(["run", "--gdb", ":1234", "--trace"]) == 2
+    assert main(["run", "--gdb", ":1234", "--trace"]) == status.USAGE
     assert "use one at a time" in capsys.readouterr().err
 
 
 def test_json_errors_are_one_document_too(capsys):
-    assert main(["run", "/nonexistent/image.bin", "--json"]) == 2
+    assert main(["run", "/nonexistent/image.bin", "--json"]) == status.USAGE
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"result": "error", "status": 2, "error": {
+    assert json.loads(out) == {"result": "error", "status": status.USAGE, "error": {
         "kind": "ImageError", "message": "/nonexistent/image.bin: no such guest image"}}
     assert err == "pykvm: error: /nonexistent/image.bin: no such guest image\n"

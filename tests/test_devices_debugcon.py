@@ -66,7 +66,7 @@ def test_debugcon_on_another_port():
 @pytest.mark.parametrize("value, status", [(0, 1), (3, 7), (0x7F, 0xFF), (0x80, 0x101)])
 def test_debug_exit_status_is_value_shifted_left_or_one(value, status):
     outcome = PortHarness(DebugExit()).out(0xF4, value)
-    assert outcome == Outcome(status=status)
+    assert outcome == Outcome(status=status, via="isa-debug-exit")
 
 
 def test_debug_exit_takes_the_whole_access_at_any_port_of_its_range():

@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from pykvm import status
 from pykvm.cli import main
 from pykvm.nested import layout as L
 from pykvm.nested.run import run_scenario
@@ -92,12 +93,12 @@ def test_svm_disabled_by_vm_cr_is_reported():
     assert run.report.error[0] == "svm-disabled" and "SVMDIS" in run.report.error[1]
 
 
-def test_pykvm_nested_without_the_extension_exits_4_naming_the_backend(capsys, kvm_backend):
+def test_pykvm_nested_without_the_extension_exits_66_naming_the_backend(capsys, kvm_backend):
     code = main(["nested", "--vendor", "vmx", "--json"])
     doc = json.loads(capsys.readouterr().out)
     if code == 0:
         pytest.skip(f"{kvm_backend} runs the VMX scenario: nothing is missing")
-    assert code == 4 and doc["status"] == 4
+    assert code == status.UNAVAILABLE and doc["status"] == status.UNAVAILABLE
     assert "no VMX" in doc["error"]["message"]
     if kvm_backend == "kvm_pvm":
         assert "kvm_pvm, which offers neither VMX nor SVM" in doc["error"]["message"]

@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from pykvm import status
 from pykvm.cli import main
 from pykvm.nested import layout as L
 from pykvm.nested.blob import SCENARIO_EXITS
@@ -173,13 +174,13 @@ def test_svm_without_nested_paging_is_reported_by_the_l1():
 
 
 @needs_qemu
-def test_cli_no_svm_on_qemu_exits_4(capsys):
-    assert main(["nested", "--platform", "qemu", "--cpu-model", "qemu64,-svm"]) == 4
+def test_cli_no_svm_on_qemu_exits_66(capsys):
+    assert main(["nested", "--platform", "qemu", "--cpu-model", "qemu64,-svm"]) == status.UNAVAILABLE
     assert "no SVM" in capsys.readouterr().err
 
 
 def test_cli_vmx_on_qemu_is_refused_with_the_reason(capsys):
-    assert main(["nested", "--platform", "qemu", "--vendor", "vmx"]) == 4
+    assert main(["nested", "--platform", "qemu", "--vendor", "vmx"]) == status.UNAVAILABLE
     assert "QEMU's TCG does not emulate VMX" in capsys.readouterr().err
 
 
@@ -201,7 +202,7 @@ def test_cli_reference_runs_both_vendors_side_by_side(capsys):
 
 @needs_bochs
 def test_cli_rejects_a_broken_image_before_launch(capsys):
-    assert main(["nested", "--platform", "bochs", "--break", "bad-eptp-walk", "--json"]) == 2
+    assert main(["nested", "--platform", "bochs", "--break", "bad-eptp-walk", "--json"]) == status.USAGE
     doc = json.loads(capsys.readouterr().out)
     assert doc["error"]["violations"][0]["rule"] == "exec.eptp"
     assert doc["error"]["predicted"] == "vmfail-valid error=7"

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from pykvm import status
 from pykvm.images import guests_dir
 from pykvm.machine import Machine
 
@@ -94,7 +95,7 @@ def test_kernel_larger_than_memory(platform_kernel, tmp_path, capsys):
     from pykvm.cli import main
 
     path, data = platform_kernel
-    assert main(["run", path, "--mem", "1M"]) == 2
+    assert main(["run", path, "--mem", "1M"]) == status.USAGE
     err = capsys.readouterr().err
     assert err == (f"pykvm: error: {path}: segment 0 at 0x100000 (size {_first_segment_size(data):#x}) "
                    "does not fit in 1 MiB of guest memory; use --mem\n")
@@ -129,7 +130,7 @@ def test_malformed_elf_from_the_command_line(platform_kernel, tmp_path, capsys, 
         broken[header_at] = 0
     bad = tmp_path / "bad.elf"
     bad.write_bytes(bytes(broken))
-    assert main(["run", str(bad)]) == 2
+    assert main(["run", str(bad)]) == status.USAGE
     err = capsys.readouterr().err
     assert err.startswith(f"pykvm: error: {bad}") and message in err.lower() and err.count("\n") == 1
 
@@ -139,6 +140,6 @@ def test_malformed_multiboot_header(tmp_path, capsys):
 
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x02\xb0\xad\x1b" + (3).to_bytes(4, "little") + b"\x00\x00\x00\x00" + bytes(64))
-    assert main(["run", str(bad)]) == 2
+    assert main(["run", str(bad)]) == status.USAGE
     err = capsys.readouterr().err
     assert "malformed multiboot header at offset 0x0" in err and err.count("\n") == 1

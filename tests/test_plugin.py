@@ -297,8 +297,8 @@ def test_other_guest_endings_fail_the_test_with_their_report(pytester):
     result = run(pytester)
     result.assert_outcomes(failed=2, passed=1)
     result.stdout.fnmatch_lines([
-        "guest DONE with status 3 (not 0)*",
-        "GuestException: guest exception #UD (vector 6) at rip=0x100000*",
+        "guest said DONE with status 3 (not 0; pykvm run would exit 3)*",
+        "GuestException (pykvm run would exit 72): guest exception #UD (vector 6) at rip=0x100000*",
         "mode: long (64-bit code)",
         "code at 0x*",
     ])

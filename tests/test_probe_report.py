@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from dumps import CONROE, EVERY, FIXTURES, HASWELL_EP, SUMMIT_RIDGE, WINDSOR
 
-from pykvm import system
+from pykvm import status, system
 from pykvm.cli import main
 from pykvm.probe import hostcpu
 from pykvm.probe import report as report_mod
@@ -97,7 +97,7 @@ def test_windsor_reports_its_64_asids():
 def test_empty_dump(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(["probe", "--from-dump", str(empty)]) == 2
+    assert main(["probe", "--from-dump", str(empty)]) == status.USAGE
     err = capsys.readouterr().err
     assert err.startswith(f"pykvm: error: {empty}: ") and err.count("\n") == 1
 
@@ -107,7 +107,7 @@ def test_malformed_and_truncated_dumps_name_the_line(tmp_path, capsys):
     cpuid_at = next(i for i, line in enumerate(lines) if line.startswith("CPUID 00000001"))
     truncated = tmp_path / "truncated.txt"
     truncated.write_text("\n".join(lines[:cpuid_at] + [lines[cpuid_at][:24]]) + "\n")
-    assert main(["probe", "--from-dump", str(truncated)]) == 2
+    assert main(["probe", "--from-dump", str(truncated)]) == status.USAGE
     err = capsys.readouterr().err
     assert f"line {cpuid_at + 1}" in err and err.count("\n") == 1
 
@@ -121,7 +121,7 @@ def test_a_cpu_with_neither_extension_is_not_usable(tmp_path, capsys):
         "CPUID 80000001: 00000000-00000000-00000000-00000000\n"
     )
     code, doc = probe_json(capsys, "--from-dump", str(dump))
-    assert code == 4
+    assert code == status.UNAVAILABLE
     assert doc["verdict"]["acceleration"] is None and doc["vmx"] == [] and doc["svm"] is None
     assert doc["verdict"]["findings"][0]["message"] == "the dumped CPU has neither VT-x (VMX) nor AMD-V (SVM)"
 
@@ -129,7 +129,7 @@ def test_a_cpu_with_neither_extension_is_not_usable(tmp_path, capsys):
 def test_missing_kvm_device_still_reports_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(system, "KVM_PATH", "/nonexistent/kvm")
     code, doc = probe_json(capsys)
-    assert code == 4
+    assert code == status.UNAVAILABLE
     assert doc["verdict"]["usable"] is False
     assert doc["cpu"]["summary"]["vendor"]  # the CPU part was still gathered
     fail = next(f for f in doc["verdict"]["findings"] if f["level"] == "fail")
@@ -180,7 +180,7 @@ def test_vmx_cpu_without_kvm_module_says_load_it():
     info = collect_kvm("/nonexistent/kvm")
     verdict = report_mod.judge(haswell.cpu, haswell.vmx, None, dataclasses.replace(
         info, backend=dataclasses.replace(info.backend, module=None)))
-    assert verdict.usable is False and verdict.exit_code == 4
+    assert verdict.usable is False and verdict.exit_code == status.UNAVAILABLE
     fail = next(f for f in verdict.findings if f.level == "fail")
     assert fail.fix.startswith("load the module: modprobe kvm_intel")
 

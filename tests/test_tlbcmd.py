@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from pykvm import status
+from pykvm.cli import Parser
 from pykvm.model import tlbcmd
 from pykvm.model.tlb import Policy, replay
 from pykvm.model.workload import TRACE_FORMAT, TraceError, Workload, parse_trace, read_trace
@@ -17,7 +19,7 @@ SMALL = ["--accesses", "4000", "--vms", "2", "--procs", "2", "--working-set", "1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pykvm")
+    parser = Parser(prog="pykvm")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     tlbcmd.add_parser(sub)
     return parser
@@ -193,7 +195,8 @@ def test_sweep_json_has_a_point_per_rate(capsys):
     assert low["world_switches_per_1000"] < high["world_switches_per_1000"]
 
 
-def test_table_output(capsys):
+def test_table_output(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # rich wraps headers to the width it finds (80 without a terminal)
     code, out, err = run([*SMALL, "--levels", "1", "--pwc", "none"], capsys)
     assert (code, err) == (0, "")
     assert "L1 16 sets x 4 ways; paging-structure caches none" in out
@@ -217,11 +220,11 @@ def test_a_trace_on_standard_input(monkeypatch, capsys):
     assert code == 0 and json.loads(out)["points"][0]["results"][0]["misses"] == 5
 
 
-def test_a_malformed_trace_file_exits_2_naming_the_line(tmp_path, capsys):
+def test_a_malformed_trace_file_exits_64_naming_the_line(tmp_path, capsys):
     path = tmp_path / "bad.trace"
     path.write_text("W 1\nA 1 0 0x1000\nA 1 0 0x10g0\n")
     code, out, err = run([str(path)], capsys)
-    assert (code, out) == (2, "")
+    assert (code, out) == (status.USAGE, "")
     assert err == (f"pykvm: error: malformed trace: {path}:3: address '0x10g0' is not a hex number: "
                    "'A 1 0 0x10g0'\n")
 
@@ -233,9 +236,9 @@ def test_a_malformed_trace_file_exits_2_naming_the_line(tmp_path, capsys):
     (["--sweep", "--write-trace", "x"], "--write-trace writes one generated trace"),
     (["--pwc", "4,32"], "pwc_entries needs 3 sizes"),
 ])
-def test_usage_errors_exit_2(argv, message, capsys):
+def test_usage_errors_exit_64(argv, message, capsys):
     code, out, err = run(argv, capsys)
-    assert (code, out) == (2, "")
+    assert (code, out) == (status.USAGE, "")
     assert err.startswith("pykvm: error: ") and message in err
 
 
@@ -243,13 +246,13 @@ def test_an_empty_trace_is_refused(tmp_path, capsys):
     path = tmp_path / "empty.trace"
     path.write_text("# nothing\nW 1\n")
     code, _, err = run([str(path)], capsys)
-    assert code == 2 and "no accesses" in err
+    assert code == status.USAGE and "no accesses" in err
 
 
 def test_bad_option_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["tlb", "--sweep-every", "100,0"])
-    assert info.value.code == 2
+    assert info.value.code == status.USAGE
     assert "at least 1" in capsys.readouterr().err
 
 
@@ -276,11 +279,11 @@ def test_plot_writes_a_file(tmp_path, capsys, name, magic):
     assert f"plot: {path}" in out
 
 
-def test_plot_without_matplotlib_exits_4(monkeypatch, capsys):
+def test_plot_without_matplotlib_exits_66(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     code, _, err = run(["--plot", "x.png"], capsys)
-    assert code == 4
+    assert code == status.UNAVAILABLE
     assert "pip install 'pykvm-driver[plot]'" in err
 
 

@@ -34,4 +34,4 @@ class DebugExit(Device):
         return 0
 
     def write(self, port: int, size: int, value: int) -> Outcome:
-        return Outcome(status=(value << 1) | 1)
+        return Outcome(status=(value << 1) | 1, via="isa-debug-exit")

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import argtypes
+from .. import status as _status
 from .tlb import Policy, ReplayStats, TLBConfig, default_pwc, replay
 from .workload import TRACE_FORMAT, Trace, TraceError, Workload, parse_trace, read_trace
 
-EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 4
+EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = _status.OK, _status.USAGE, _status.UNAVAILABLE
 
 POLICIES = tuple(p.value for p in Policy)
 DEFAULT_SWEEP = (20000, 5000, 2000, 1000, 500, 200, 100, 50, 20)

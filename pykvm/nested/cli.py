@@ -21,12 +21,12 @@ examples:
   pykvm nested --platform reference           both, side by side (Bochs VMX, QEMU SVM)
   pykvm nested --platform bochs --break rflags-reserved             refused before launch
   pykvm nested --platform bochs --break rflags-reserved --no-check  VM entry fails as predicted
-  pykvm nested --vendor vmx --append fc-lock   as if the firmware had locked VT-x off (exit 4)
+  pykvm nested --vendor vmx --append fc-lock   as if the firmware had locked VT-x off (exit 66)
   pykvm nested --platform qemu --triple-fault --json
 
 breakages: {", ".join(f"{n} ({b.description})" for n, b in BREAKAGES.items())}
-exit status: 0 as expected, 1 the run differed from the expectation, 2 the image breaks a rule
-(not launched), 4 the platform has no usable VMX/SVM or is not installed.
+exit status: 0 as expected, 1 the run differed from the expectation, 64 the image breaks a rule
+(not launched), 66 the platform has no usable VMX/SVM or is not installed.
 """
 
 

@@ -57,9 +57,11 @@ class Verdict:
 
     @property
     def exit_code(self) -> int:
-        """0 usable (for a dump: the CPU has VT-x or AMD-V), 4 not usable here."""
+        """0 usable (for a dump: the CPU has VT-x or AMD-V), 66 not usable here (pykvm/status.py)."""
+        from .. import status
+
         usable = self.usable if self.usable is not None else self.acceleration in ("VT-x", "AMD-V")
-        return 0 if usable else 4
+        return status.OK if usable else status.UNAVAILABLE
 
     def to_json(self) -> dict[str, Any]:
         return {
