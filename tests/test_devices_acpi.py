@@ -154,3 +154,159 @@ def test_acpiexec_loads_the_fadt_dsdt_and_madt(tables, tmp_path):
     assert run.returncode == 0, output
     assert "1 ACPI AML tables successfully acquired and loaded" in output, output
     assert "error" not in output.lower() and "warning" not in output.lower(), output
+
+
+# ---- platform="pc": full FADT, FACS, DSDT sleep packages, MCFG ---------------------------------
+
+ECAM = 0xE0000000
+
+
+@pytest.fixture(scope="module")
+def pc_tables() -> AcpiTables:
+    return build_acpi(4, platform="pc", ecam_base=ECAM)
+
+
+def find_like_kvm_unit_tests(memory: dict[int, bytes], signature: bytes) -> int | None:
+    """lib/acpi.c's find_acpi_table_addr() over a flat view of guest memory."""
+    flat = bytearray(0x100000)
+    for gpa, data in memory.items():
+        flat[gpa : gpa + len(data)] = data
+
+    def u32(at):
+        return struct.unpack_from("<I", flat, at)[0]
+
+    rsdp = next((a for a in range(0xE0000, 0x100000, 16) if flat[a : a + 8] == b"RSD PTR "), None)
+    if rsdp is None:
+        return None
+    if signature == b"FACS":
+        fadt = find_like_kvm_unit_tests(memory, b"FACP")
+        return u32(fadt + 36) if fadt else None
+    if signature == b"RSDP":
+        return rsdp
+    xsdt = struct.unpack_from("<Q", flat, rsdp + 24)[0] if flat[rsdp + 15] >= 2 else 0
+    if xsdt and flat[xsdt : xsdt + 4] != b"XSDT":
+        xsdt = 0
+    for entry in range(xsdt + 36, xsdt + u32(xsdt + 4), 8):
+        table = struct.unpack_from("<Q", flat, entry)[0]
+        if table and flat[table : table + 4] == signature:
+            return table
+    return None
+
+
+def test_pc_tables_are_found_the_way_kvm_unit_tests_looks(pc_tables):
+    mem = pc_tables.blobs
+    for name in ("RSDP", "FACP", "APIC", "MCFG", "FACS"):
+        assert find_like_kvm_unit_tests(mem, name.encode()) == pc_tables.tables[name], name
+    assert find_like_kvm_unit_tests(build_acpi(2).blobs, b"FACS") == 0  # reduced: no FACS
+
+
+def test_pc_fadt_fields_as_qemu_pc(pc_tables):
+    f = pc_tables.table("FACP")
+    assert len(f) == 276 and f[8] == 6 and f[131] == 5
+    assert struct.unpack_from("<II", f, 36) == (pc_tables.tables["FACS"], pc_tables.tables["DSDT"])
+    assert f[44] == 1 and struct.unpack_from("<H", f, 46)[0] == 9  # INT_MODEL, SCI_INT
+    assert struct.unpack_from("<IBB", f, 48) == (0, 0, 0)  # SMI_CMD, ACPI_ENABLE, ACPI_DISABLE
+    assert struct.unpack_from("<8I", f, 56) == (0xB000, 0, 0xB004, 0, 0, 0xB008, 0xAFE0, 0)
+    assert tuple(f[88:95]) == (4, 2, 0, 4, 4, 0, 0)
+    assert struct.unpack_from("<HH", f, 96) == (0xFFF, 0xFFF)
+    flags = struct.unpack_from("<I", f, 112)[0]
+    assert flags == (1 << 0) | (1 << 2) | (1 << 5) | (1 << 7) | (1 << 10) | (1 << 15)
+    assert not flags & (1 << 20)  # not hardware-reduced
+    assert f[116:128] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0xCF9) and f[128] == 0x06
+    assert struct.unpack_from("<QQ", f, 132) == (0, pc_tables.tables["DSDT"])
+    assert f[148:160] == struct.pack("<BBBBQ", 1, 32, 0, 2, 0xB000)  # X_PM1a_EVT_BLK
+    assert f[172:184] == struct.pack("<BBBBQ", 1, 16, 0, 2, 0xB004)  # X_PM1a_CNT_BLK
+    assert f[208:220] == struct.pack("<BBBBQ", 1, 32, 0, 3, 0xB008)  # X_PM_TMR_BLK
+    assert f[220:232] == struct.pack("<BBBBQ", 1, 32, 0, 1, 0xAFE0)  # X_GPE0_BLK
+    many = build_acpi(9, platform="pc").table("FACP")
+    assert struct.unpack_from("<I", many, 112)[0] & (1 << 18)  # cluster model past 8 CPUs, as QEMU
+    moved = build_acpi(1, platform="pc", pm_base=0x600, gpe0_base=0x620, sci_irq=10).table("FACP")
+    assert struct.unpack_from("<H", moved, 46)[0] == 10 and struct.unpack_from("<III", moved, 76) == (0x608, 0x620, 0)
+
+
+def test_pc_facs_is_64_byte_aligned_with_a_waking_vector_at_12(pc_tables):
+    at = pc_tables.tables["FACS"]
+    facs = pc_tables.table("FACS")
+    assert at % 64 == 0 and len(facs) == 64 and facs[:4] == b"FACS"
+    assert struct.unpack_from("<IIII", facs, 4) == (64, 0, 0, 0)  # length, hw signature, waking vector, lock
+    assert facs[32] == 2
+
+
+def test_pc_dsdt_has_s3_and_s5_packages(pc_tables):
+    aml = pc_tables.table("DSDT")[36:]
+    assert aml == bytes.fromhex("085f53335f1206040101 0000 085f53355f1206040000 0000".replace(" ", ""))
+    assert build_acpi(1).table("DSDT")[36:] == b""  # the reduced DSDT stays empty
+
+
+def test_pc_madt_has_level_overrides_for_the_sci_and_pci_irqs(pc_tables):
+    isos = [struct.unpack("<BBBBIH", e)[2:] for k, e in madt_entries(pc_tables.table("APIC")) if k == 2]
+    assert isos == [(0, 0, 2, 0), (0, 5, 5, 0xD), (0, 9, 9, 0xD), (0, 10, 10, 0xD), (0, 11, 11, 0xD)]
+
+
+def test_mcfg_and_its_place_in_the_xsdt(pc_tables):
+    at = pc_tables.tables
+    assert sdt_entries(pc_tables.table("XSDT"), 8) == [at["FACP"], at["APIC"], at["MCFG"]]
+    assert sdt_entries(pc_tables.table("RSDT"), 4) == [at["FACP"], at["APIC"], at["MCFG"]]
+    m = pc_tables.table("MCFG")
+    assert len(m) == 60 and m[44:60] == struct.pack("<QHBB4x", ECAM, 0, 0, 255)
+    reduced = build_acpi(1, ecam_base=0xB0000000, ecam_buses=(0, 63))
+    assert reduced.table("MCFG")[44:60] == struct.pack("<QHBB4x", 0xB0000000, 0, 0, 63)
+    assert "MCFG" not in build_acpi(1).tables and "FACS" not in build_acpi(1).tables
+    with pytest.raises(ValueError):
+        build_acpi(1, ecam_base=0xE0000800)
+    with pytest.raises(ValueError, match="platform"):
+        build_acpi(1, platform="q35")
+
+
+def test_pc_tables_checksums_overlap_and_fit(pc_tables):
+    for name, gpa in pc_tables.tables.items():
+        data = pc_tables.blobs[gpa]
+        if name != "FACS":  # the FACS has no checksum
+            assert sum(data) % 256 == 0, name
+    spans = sorted((gpa, gpa + len(data)) for gpa, data in pc_tables.blobs.items())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+    assert pc_tables.end <= 0x100000
+
+
+@needs_iasl
+@pytest.mark.parametrize("name", ["FACP", "FACS", "DSDT", "APIC", "MCFG", "XSDT"])
+def test_iasl_disassembles_the_pc_tables(pc_tables, tmp_path, name):
+    path = tmp_path / f"{name.lower()}.dat"
+    path.write_bytes(pc_tables.table(name))
+    run = subprocess.run(["iasl", "-d", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    dsl = path.with_suffix(".dsl").read_text()
+    for word in COMPLAINTS:
+        assert word not in output.lower(), output
+        assert word not in dsl.lower(), dsl
+    if name == "FACP":
+        for line in ("PM1A Event Block Address : 0000B000", "PM1A Control Block Address : 0000B004",
+                     "PM Timer Block Address : 0000B008", "GPE0 Block Address : 0000AFE0",
+                     "SCI Interrupt : 0009", "Hardware Reduced (V5) : 0", "Reset Register Supported (V2) : 1",
+                     "Value to cause reset : 06", "Address : 0000000000000CF9"):
+            assert line in dsl, line
+    if name == "FACS":
+        assert "32 Firmware Waking Vector : 00000000" in dsl and "Length : 00000040" in dsl
+    if name == "DSDT":
+        assert "Name (_S3, Package (0x04)" in dsl and "Name (_S5, Package (0x04)" in dsl
+    if name == "MCFG":
+        assert "Base Address : 00000000E0000000" in dsl and "End Bus Number : FF" in dsl
+
+
+@needs_acpiexec
+def test_acpiexec_evaluates_the_sleep_packages(pc_tables, tmp_path):
+    paths = []
+    for name in ("FACP", "DSDT", "APIC", "FACS"):
+        path = tmp_path / f"{name.lower()}.dat"
+        path.write_bytes(pc_tables.table(name))
+        paths.append(str(path))
+    for state, typ in (("_S3", "0000000000000001"), ("_S5", "0000000000000000")):
+        run = subprocess.run(["acpiexec", "-b", f"evaluate \\{state}", *paths], capture_output=True, text=True,
+                             timeout=60, check=False)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output
+        assert "1 ACPI AML tables successfully acquired and loaded" in output, output
+        assert "error" not in output.lower() and "warning" not in output.lower(), output
+        package = output.split(f"Evaluation of \\{state} returned object")[1]
+        assert package.count(f"[Integer] = {typ}") >= 2 and "Contains 4 Elements" in package, output

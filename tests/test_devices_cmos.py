@@ -1,12 +1,15 @@
-"""The MC146818 RTC and CMOS: memory size as SeaBIOS reads it, the clock, status registers."""
+"""The MC146818 RTC and CMOS: memory size as SeaBIOS reads it, the clock, status registers, and the
+periodic / update-ended / alarm interrupts (with a fake timer and clocks, and once for real)."""
 
 from __future__ import annotations
 
 import calendar
+import threading
+import time
 
 import pytest
 
-from pykvm.devices.cmos import Cmos, memory_size_registers
+from pykvm.devices.cmos import Cmos, DeadlineTimer, memory_size_registers, periodic_period
 from pykvm.devices.harness import PortHarness
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -143,3 +146,164 @@ def test_a_16_bit_out_writes_index_then_data():
     bus = PortHarness(Cmos())
     bus.out(0x70, 0x5540, size=2)  # outw: 0x40 to 0x70, 0x55 to 0x71
     assert reg(bus, 0x40) == 0x55
+
+
+# ---- interrupts: periodic, update-ended, alarm ----------------------------------------------------
+
+
+class FakeTimer:
+    def __init__(self, callback):
+        self.callback = callback
+        self.deadline = None
+        self.closed = False
+
+    def arm(self, deadline):
+        self.deadline = deadline
+
+    def cancel(self):
+        self.deadline = None
+
+    def close(self):
+        self.closed = True
+        self.deadline = None
+
+    def fire(self):
+        self.deadline = None
+        following = self.callback()
+        if following is not None:
+            self.deadline = following
+
+
+def rtc(**kwargs):
+    wall, mono, levels, timers = Clock(), Clock(100.0), [], []
+
+    def factory(cb):
+        timers.append(FakeTimer(cb))
+        return timers[-1]
+
+    dev = Cmos(clock=wall, monotonic=mono, irq=levels.append, timer=factory, **kwargs)
+    return dev, PortHarness(dev), wall, mono, levels, timers
+
+
+def test_periodic_rates_as_qemu():
+    assert periodic_period(0) == 0
+    assert periodic_period(6) == 1 / 1024  # the reset value, 0x26
+    assert periodic_period(15) == 0.5
+    assert periodic_period(3) == 1 / 8192
+    assert periodic_period(1) == periodic_period(8) == 1 / 256  # RS 1 and 2 act as 8 and 9
+    assert periodic_period(2) == periodic_period(9)
+
+
+def test_periodic_interrupt_runs_only_while_pie_is_set():
+    dev, bus, wall, mono, levels, timers = rtc()
+    set_reg(bus, 0x0A, 0x2F)  # 2 Hz
+    assert timers == []  # no PIE: no timer, no thread
+    set_reg(bus, 0x0B, 0x42)  # PIE
+    (timer,) = timers
+    assert timer.deadline == pytest.approx(100.5)
+    mono.now = 100.5
+    timer.fire()
+    assert levels == [1] and timer.deadline == pytest.approx(101.0)
+    assert reg(bus, 0x0C) == 0xC0  # IRQF | PF, and the read clears them and lowers IRQ 8
+    assert levels == [1, 0] and reg(bus, 0x0C) == 0x00
+    mono.now = 101.0
+    timer.fire()
+    assert levels == [1, 0, 1] and timer.deadline == pytest.approx(101.5)
+    mono.now = 104.2  # the host fell behind: missed ticks are dropped, the next is a period away
+    timer.fire()
+    assert timer.deadline == pytest.approx(104.7)
+    set_reg(bus, 0x0B, 0x02)  # PIE off: the timer is disarmed, IRQF and the line drop
+    assert timer.deadline is None and levels[-1] == 0
+    assert reg(bus, 0x0C) == 0x40  # PF stays until read
+    dev.close()
+    assert timer.closed
+
+
+def test_changing_the_rate_restarts_the_period():
+    dev, bus, wall, mono, levels, timers = rtc()
+    set_reg(bus, 0x0B, 0x42)
+    assert timers[0].deadline == pytest.approx(100 + 1 / 1024)
+    mono.now = 100.0001
+    set_reg(bus, 0x0A, 0x2F)
+    assert timers[0].deadline == pytest.approx(100.5001)
+    set_reg(bus, 0x0A, 0x20)  # rate 0: no periodic interrupt
+    assert timers[0].deadline is None
+
+
+def test_update_ended_and_alarm_flags_follow_the_seconds():
+    dev, bus, wall, mono, levels, timers = rtc()
+    assert reg(bus, 0x0C) == 0
+    wall.now += 1  # a second's update passed
+    assert reg(bus, 0x0C) == 0x10  # UF, no IRQF: UIE is clear
+    for alarm in (1, 3, 5):
+        set_reg(bus, alarm, 0xC0)  # don't care: every second matches (x86/s3.c)
+    wall.now += 1
+    assert reg(bus, 0x0C) == 0x30  # UF | AF
+    set_reg(bus, 1, 0x59)  # alarm at hh:mm:59 -- the clock reads 13:45:58 now
+    for alarm in (3, 5):
+        set_reg(bus, alarm, 0xFF)
+    wall.now += 1
+    assert reg(bus, 0x0C) == 0x30  # 13:45:59: matched
+    wall.now += 1
+    assert reg(bus, 0x0C) == 0x10  # 13:46:00: no match
+    set_reg(bus, 0x0B, 0x82)  # SET: no updates
+    wall.now += 5
+    assert reg(bus, 0x0C) == 0x00
+    assert levels == []
+
+
+def test_alarm_interrupt_raises_irq8_and_calls_wakeup():
+    wakes = []
+    dev, bus, wall, mono, levels, timers = rtc(wakeup=lambda: wakes.append(1))
+    for alarm in (1, 3, 5):
+        set_reg(bus, alarm, 0xC0)
+    set_reg(bus, 0x0B, 0x22)  # AIE: the timer wakes at the next second boundary
+    (timer,) = timers
+    assert timer.deadline == pytest.approx(100.5, abs=1e-3)  # NOW is half-way through a second
+    wall.now += 0.5
+    mono.now += 0.5
+    timer.fire()
+    assert levels == [1] and wakes == [1]
+    assert timer.deadline == pytest.approx(101.5, abs=1e-3)  # the next second
+    assert reg(bus, 0x0C) == 0xB0 and levels == [1, 0]  # IRQF | AF | UF
+
+
+def test_update_interrupt_and_enabling_a_pending_flag():
+    dev, bus, wall, mono, levels, timers = rtc()
+    wall.now += 1  # UF is pending (counted when B is written)
+    set_reg(bus, 0x0B, 0x12)  # UIE with UF already set: IRQ 8 at once, as QEMU
+    assert levels == [1]
+    assert reg(bus, 0x0C) == 0x90 and levels == [1, 0]
+    set_reg(bus, 0x0B, 0x92)  # SET clears UIE, as QEMU
+    assert reg(bus, 0x0B) == 0x82
+
+
+def test_deadline_timer_calls_back_on_its_thread_and_stops_on_close():
+    fired, done = [], threading.Event()
+
+    def callback():
+        fired.append(threading.current_thread().name)
+        if len(fired) == 3:
+            done.set()
+            return None
+        return time.monotonic() + 0.001
+
+    timer = DeadlineTimer(callback, name="test-timer")
+    timer.arm(time.monotonic() + 0.001)
+    assert done.wait(0.4)
+    timer.close()
+    assert fired == ["test-timer"] * 3
+    assert timer._thread is not None and not timer._thread.is_alive()
+
+
+def test_a_real_periodic_interrupt_reaches_irq():
+    raised = threading.Event()
+    dev = Cmos(irq=lambda level: level and raised.set())
+    bus = PortHarness(dev)
+    set_reg(bus, 0x0A, 0x23)  # 8192 Hz
+    set_reg(bus, 0x0B, 0x42)
+    try:
+        assert raised.wait(0.4)
+        assert reg(bus, 0x0C) & 0xC0 == 0xC0
+    finally:
+        dev.close()

@@ -15,20 +15,46 @@ Registers after the Motorola MC146818A datasheet ("Address Map", "Register A-D")
   update ends (1984 us after it), bits 0-6 divider and rate (reset 0x26: 32.768 kHz, 1024 Hz).
 * Status B (0x0B): 7 SET (updates stop: the guest writes the time, which starts when SET is
   cleared), 6 PIE, 5 AIE, 4 UIE, 3 SQWE, 2 DM (binary), 1 24/12, 0 DSE; reset 0x02.
-* Status C (0x0C): interrupt flags, read-only, cleared by a read. This model raises no IRQ 8
-  (no periodic, alarm or update-ended interrupts), so its flags stay 0.
+* Status C (0x0C): interrupt flags, read-only: 7 IRQF (an enabled flag is set: IRQ 8 is
+  raised), 6 PF (periodic), 5 AF (alarm), 4 UF (update ended). A read returns them, clears them
+  all and lowers IRQ 8 (QEMU's ``cmos_ioport_read``).
 * Status D (0x0D): bit 7 VRT (valid RAM and time) = 1, read-only.
 * 0x0E-0x7F: battery-backed RAM, including what PC firmware leaves there for the OS and what
   QEMU puts there for SeaBIOS (:meth:`Cmos.set_memory_size`, :meth:`Cmos.set_cpu_count`).
+
+Interrupts (IRQ 8 through ``irq``, a level: raised while IRQF is set), as QEMU's model:
+
+* Periodic: rate select RS = status A bits 0-3; RS 0 is off, RS 1 and 2 act as 8 and 9, and
+  otherwise the period is ``2 ** (RS - 1)`` cycles of 32.768 kHz (RS 6, the reset value: 1024 Hz;
+  RS 15: 2 Hz). As in QEMU (``rtc_periodic_clock_ticks``) the periodic timer runs only while
+  PIE is set, and each tick sets PF and IRQF and raises IRQ 8. A host thread
+  (:class:`DeadlineTimer`) runs the ticks; it starts when PIE is first set and rate is not 0,
+  sleeps while PIE is clear, and ends at :meth:`Cmos.close`. Ticks the host could not deliver
+  on time are dropped, not queued (QEMU's default ``lost_tick_policy=discard``).
+* Update-ended and alarm: at each second's update (not while SET, and only with the divider
+  bits 0x20, the 32.768 kHz time base) UF is set, and AF when seconds, minutes and hours equal
+  their alarm registers (an alarm byte of 0xC0-0xFF matches any value). Their IRQF and IRQ 8
+  follow UIE / AIE; the host thread wakes at the second boundary only while UIE or AIE is set.
+  With those interrupts disabled the flags are still computed, when the guest reads status C.
+  Writing B with an enable bit whose flag is already set raises IRQ 8 at once; setting SET
+  clears UIE (QEMU does both). An alarm interrupt also calls ``wakeup()`` (if given): that is
+  how an RTC alarm wakes a sleeping PC (ACPI RTC_STS / WAK_STS,
+  :meth:`pykvm.devices.acpi_pm.AcpiPm.wakeup`), QEMU's ``QEMU_WAKEUP_REASON_RTC``.
+* Square-wave output (SQWE) and daylight saving (DSE) are stored but have no effect.
+
+Tests drive the interrupts without sleeping by passing ``timer`` (a factory taking the callback
+and returning an object with ``arm(deadline)``, ``cancel()`` and ``close()``) and ``monotonic``.
 """
 
 from __future__ import annotations
 
 import calendar
+import math
+import threading
 import time
 from typing import Callable
 
-from .base import Device
+from .base import Device, Irq, IrqLine
 
 CMOS_INDEX_PORT = 0x70
 CMOS_DATA_PORT = 0x71
@@ -49,7 +75,21 @@ SMP_COUNT = 0x5F  # number of CPUs - 1 (QEMU's x86_rtc_set_cpus_count(); 0 when 
 
 REG_A_UIP = 0x80
 REG_A_RESET = 0x26
+REG_A_RATE = 0x0F
+REG_A_DIVIDER = 0x70
+DIVIDER_32K = 0x20  # DV2-0 = 010: the 32.768 kHz time base, the clock running
 REG_B_SET = 0x80
+REG_B_PIE = 0x40
+REG_B_AIE = 0x20
+REG_B_UIE = 0x10
+REG_C_IRQF = 0x80
+REG_C_PF = 0x40
+REG_C_AF = 0x20
+REG_C_UF = 0x10
+REG_C_MASK = REG_C_PF | REG_C_AF | REG_C_UF  # the flags B's PIE / AIE / UIE enable (same bits)
+ALARM_DONT_CARE = 0xC0  # an alarm register >= 0xC0 matches every value
+RTC_IRQ = 8
+RTC_BASE_HZ = 32768
 REG_B_DM_BINARY = 0x04
 REG_B_24H = 0x02
 REG_B_RESET = REG_B_24H
@@ -61,6 +101,83 @@ UPDATE_TIME = 1984e-6  # ...and stays up while the update runs
 _TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR, CENTURY)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def periodic_period(rate_select: int) -> float:
+    """Seconds between periodic interrupts for status A's rate select (0: none), as QEMU's
+    ``periodic_period_to_clock``: RS 1 and 2 act as RS 8 and 9."""
+    rate_select &= REG_A_RATE
+    if rate_select == 0:
+        return 0.0
+    if rate_select <= 2:
+        rate_select += 7
+    return (1 << (rate_select - 1)) / RTC_BASE_HZ
+
+
+class DeadlineTimer:
+    """A host thread that calls ``callback()`` at a deadline (``monotonic`` seconds).
+
+    ``arm(deadline)`` sets (or moves) the deadline, ``cancel()`` disarms it, ``close()`` ends the
+    thread. The callback runs on the timer's thread and returns the next deadline, or None to
+    disarm. The thread starts at the first ``arm`` (a device that never arms one has no thread).
+    """
+
+    def __init__(self, callback: Callable[[], float | None], *, monotonic: Callable[[], float] = time.monotonic,
+                 name: str = "device-timer") -> None:
+        self._callback = callback
+        self._monotonic = monotonic
+        self._name = name
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._deadline = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._deadline = None
+            self._cond.notify()
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._deadline = None
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                delay = self._deadline - self._monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                self._deadline = None
+                self._cond.release()
+                try:
+                    following = self._callback()
+                finally:
+                    self._cond.acquire()
+                if following is not None and self._deadline is None and not self._closed:
+                    self._deadline = following
 
 
 def _bcd(value: int) -> int:
@@ -100,11 +217,21 @@ class Cmos(Device):
         ncpus: int | None = None,
         clock: Callable[[], float] = time.time,
         port: int = CMOS_INDEX_PORT,
+        irq: Irq | None = None,
+        wakeup: Callable[[], object] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        timer: Callable[[Callable[[], float | None]], DeadlineTimer] | None = None,
     ) -> None:
         super().__init__()
         self.ports = ((port, 2),)
         self.base = port
         self.clock = clock
+        self.monotonic = monotonic
+        self.line = IrqLine(irq)
+        self.wakeup = wakeup
+        self._timer_factory = timer or (lambda cb: DeadlineTimer(cb, monotonic=monotonic, name="rtc-timer"))
+        self._timer: DeadlineTimer | None = None
+        self._next_tick: float | None = None  # monotonic time of the next periodic interrupt
         self.ram = bytearray(CMOS_SIZE)
         self.ram[REG_A] = REG_A_RESET
         self.ram[REG_B] = REG_B_RESET
@@ -113,10 +240,19 @@ class Cmos(Device):
         self.nmi_disabled = False
         self.offset = 0.0  # guest time - host time, in seconds
         self._latched: dict[int, int] | None = None  # the time registers while SET stops the clock
+        self._last_second = math.floor(self._guest_now())  # the last second whose update was counted
         if below_4g is not None:
             self.set_memory_size(below_4g, above_4g)
         if ncpus is not None:
             self.set_cpu_count(ncpus)
+
+    def close(self) -> None:
+        """Stop the interrupt thread (if one was started); the registers keep working."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+            self._next_tick = None
+        if timer is not None:
+            timer.close()
 
     # ---- configuration ------------------------------------------------------------------------
     def set_memory_size(self, below_4g: int, above_4g: int = 0) -> None:
@@ -179,10 +315,82 @@ class Cmos(Device):
             self.offset = epoch + (now % 1) - now
 
     def _update_in_progress(self, now: float) -> bool:
-        if self.ram[REG_B] & REG_B_SET or (self.ram[REG_A] & 0x70) != 0x20:
+        if not self._running():
             return False  # no updates while SET, or with the divider held in reset
         fraction = now % 1
         return fraction >= 1 - UIP_BEFORE or fraction < UPDATE_TIME
+
+    def _running(self) -> bool:
+        return not self.ram[REG_B] & REG_B_SET and (self.ram[REG_A] & REG_A_DIVIDER) == DIVIDER_32K
+
+    def _guest_now(self) -> float:
+        return self.clock() + self.offset
+
+    # ---- interrupts (called with the lock held) -----------------------------------------------
+    def _set_flags(self, flags: int) -> None:
+        self.ram[REG_C] |= flags
+        if self.ram[REG_C] & self.ram[REG_B] & REG_C_MASK:
+            self.ram[REG_C] |= REG_C_IRQF
+            self.line.set(1)
+
+    def _alarm_matches(self, second: int) -> bool:
+        regs = self._time_registers(second)
+        return all(
+            self.ram[alarm] >= ALARM_DONT_CARE or self.ram[alarm] == regs[reg]
+            for reg, alarm in ((SECONDS, SECONDS_ALARM), (MINUTES, MINUTES_ALARM), (HOURS, HOURS_ALARM))
+        )
+
+    def _catch_up(self) -> None:
+        """Count the second updates since the last call: UF, and AF where the alarm matched."""
+        now = math.floor(self._guest_now())
+        if not self._running() or now <= self._last_second:
+            self._last_second = now if not self._running() else max(self._last_second, now)
+            return
+        first = max(self._last_second + 1, now - 86399)  # at most a day's worth of alarm checks
+        alarm = any(self._alarm_matches(second) for second in range(first, now + 1))
+        self._last_second = now
+        self._set_flags(REG_C_UF | (REG_C_AF if alarm else 0))
+        if alarm and self.ram[REG_B] & REG_B_AIE and self.wakeup is not None:
+            self.wakeup()
+
+    def _next_deadline(self) -> float | None:
+        deadlines = []
+        if self._next_tick is not None:
+            deadlines.append(self._next_tick)
+        if self.ram[REG_B] & (REG_B_AIE | REG_B_UIE) and self._running():
+            to_next_second = 1 - self._guest_now() % 1
+            deadlines.append(self.monotonic() + to_next_second + 1e-4)
+        return min(deadlines) if deadlines else None
+
+    def _schedule(self, *, restart_periodic: bool = False) -> None:
+        period = periodic_period(self.ram[REG_A])
+        if not (self.ram[REG_B] & REG_B_PIE and period):
+            self._next_tick = None
+        elif self._next_tick is None or restart_periodic:
+            self._next_tick = self.monotonic() + period
+        deadline = self._next_deadline()
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            return
+        if self._timer is None:
+            self._timer = self._timer_factory(self._on_timer)
+        self._timer.arm(deadline)
+
+    def _on_timer(self) -> float | None:
+        """The timer thread's callback: deliver what is due, return the next deadline."""
+        with self._lock:
+            if self._timer is None:
+                return None  # closed
+            now = self.monotonic()
+            period = periodic_period(self.ram[REG_A])
+            if self._next_tick is not None and period and now >= self._next_tick:
+                self._set_flags(REG_C_PF)
+                self._next_tick += period
+                if self._next_tick <= now:  # the host fell behind: drop the missed ticks
+                    self._next_tick = now + period
+            self._catch_up()
+            return self._next_deadline()
 
     # ---- registers ----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
@@ -197,8 +405,10 @@ class Cmos(Device):
             uip = REG_A_UIP if self._update_in_progress(self.clock() + self.offset) else 0
             return self.ram[REG_A] | uip
         if index == REG_C:
+            self._catch_up()
             value = self.ram[REG_C]
             self.ram[REG_C] = 0
+            self.line.set(0)
             return value
         return self.ram[index]
 
@@ -217,16 +427,33 @@ class Cmos(Device):
                 regs[index] = value
                 if index != DAY_OF_WEEK:  # the day of week is derived from the date here
                     self._set_time(regs)
+                    self._last_second = math.floor(self._guest_now())  # a new time: no update passed
         elif index == REG_A:
+            self._catch_up()
+            old = self.ram[REG_A]
             self.ram[REG_A] = value & 0x7F  # UIP is read-only
+            if (old ^ value) & REG_A_DIVIDER:
+                self._last_second = math.floor(self._guest_now())
+            self._schedule(restart_periodic=bool((old ^ value) & REG_A_RATE))
         elif index == REG_B:
+            self._catch_up()
             setting, was_setting = value & REG_B_SET, self.ram[REG_B] & REG_B_SET
+            if setting:
+                value &= ~REG_B_UIE  # QEMU: SET ends update-ended interrupts
             if setting and not was_setting:
                 self._latched = self._time_registers(self.clock() + self.offset)
             self.ram[REG_B] = value
             if was_setting and not setting and self._latched is not None:
                 self._set_time(self._latched)
                 self._latched = None
+                self._last_second = math.floor(self._guest_now())
+            if value & self.ram[REG_C] & REG_C_MASK:  # a flag already set becomes enabled
+                self.ram[REG_C] |= REG_C_IRQF
+                self.line.set(1)
+            else:
+                self.ram[REG_C] &= ~REG_C_IRQF
+                self.line.set(0)
+            self._schedule()
         elif index in (REG_C, REG_D):
             pass  # read-only
         else:
