@@ -459,6 +459,11 @@ struct kvm_pit_config {
 	__u32 pad[15];
 };
 
+struct kvm_reinject_control {
+	__u8 pit_reinject;
+	__u8 reserved[31];
+};
+
 struct kvm_irq_level {
 	union {
 		__u32 irq;

@@ -60,6 +60,7 @@ REQUESTS: dict[str, int] = {
     "KVM_IRQ_LINE_STATUS": _iowr(0x67, "struct kvm_irq_level"),
     "KVM_SET_GSI_ROUTING": _iow(0x6A, "struct kvm_irq_routing"),
     "KVM_IRQFD": _iow(0x76, "struct kvm_irqfd"),
+    "KVM_REINJECT_CONTROL": _io(0x71),  # takes a struct kvm_reinject_control *, declared _IO in <linux/kvm.h>
     "KVM_CREATE_PIT2": _iow(0x77, "struct kvm_pit_config"),
     "KVM_IOEVENTFD": _iow(0x79, "struct kvm_ioeventfd"),
     "KVM_SET_CLOCK": _iow(0x7B, "struct kvm_clock_data"),

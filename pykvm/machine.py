@@ -140,6 +140,11 @@ class Machine:
     with the irqchip). ``irqchip="split"`` keeps only the local APICs in the kernel
     (KVM_CAP_SPLIT_IRQCHIP) and puts a Python IOAPIC (:attr:`ioapic`) at 0xFEC00000; KVM then
     has no PIC and no PIT.
+
+    ``strict`` (the default, for pykvm's own guests) stops the run at a port or MMIO address no
+    device claims (:class:`UnexpectedExit`); ``strict=False`` answers them as QEMU's PC does
+    unassigned I/O: reads give all ones, writes are dropped (each counted under "unassigned port"
+    or "unassigned mmio" in :attr:`stats`), which kernels written for QEMU rely on.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class Machine:
         console: BinaryIO | None = None,
         console_limit: int = 1 << 20,
         trace: Callable[[exits.Exit], None] | None = None,
+        strict: bool = True,
     ):
         if mem_size < layout.MIN_MEM_SIZE or mem_size % layout.PAGE_SIZE:
             raise ValueError(
@@ -197,6 +203,7 @@ class Machine:
         self.syncs: list[int] = []
         self.on_sync: Callable[[int], None] | None = None
         self.trace = trace
+        self.strict = strict
         #: Called as ``after_exit(exit, vcpu)`` in the vCPU's thread after every exit a handler answered
         #: (set it before :meth:`run`). A debugger uses it to end a single step as soon as the instruction
         #: that exited completes (some backends lose the step trap across an exit to user space).
@@ -204,6 +211,7 @@ class Machine:
         self.stats = ExitStats()
         self.kvm_stats: dict[str, int] = {}
         self.bus = Bus()
+        self._devices: list = []
         self.bus.add_port(layout.CONSOLE_PORT, self.debugcon.io, name="console")
         self.bus.add_port(layout.CALL_PORT, self._call_port, name="call port")
         self.bus.add_port(layout.EXCEPTION_PORT, self._exception_port, name="exception stubs")
@@ -227,6 +235,10 @@ class Machine:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
+        for device in getattr(self, "_devices", ()):
+            closer = getattr(device, "close", None)
+            if closer is not None:
+                closer()  # devices with timer threads (the RTC, the ACPI PM timer) stop them
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._own_kvm and getattr(self, "kvm", None) is not None:
@@ -333,10 +345,74 @@ class Machine:
             build_mptable(ncpus).write(self.memory)
         return uart
 
+    def add_qemu_pc(self, serial: BinaryIO | None | bool = None, *, cmdline: str = "", ecam: bool = True,
+                    debug_exits=((0xF4, 4),), debugcons=(), pc_testdev: bool = False, pci_testdevs: int = 0):
+        """QEMU's PC (``-machine pc``) as far as test kernels use it, for ``pykvm-qemu``: COM1
+        (``serial`` False: none), the i8042, fw_cfg, the RTC/CMOS with its interrupt, the PCI host
+        bridge (0xCF8/0xCFC, and with ``ecam`` the ECAM window the MCFG announces) with the
+        PIIX3 ISA bridge and its reset control at 0xCF9, the ACPI PM block (PM timer, PM1, S5
+        power-off) with the FADT, FACS and DSDT that describe it, ``isa-debug-exit`` at each
+        (iobase, iosize) of ``debug_exits``, ``isa-debugcon`` at each (port, stream) of
+        ``debugcons``, QEMU's ``pc-testdev`` and ``pci_testdevs`` ``pci-testdev`` functions. PCI
+        resources are assigned as SeaBIOS does before a ``-kernel`` guest starts. Build the
+        machine with ``strict=False`` for QEMU's unassigned I/O. Returns the :class:`PciHost`
+        (its UART, if any, is :attr:`uart`)."""
+        from .devices.acpi_pm import AcpiPm
+        from .devices.cmos import Cmos
+        from .devices.debug_exit import DebugExit
+        from .devices.fw_cfg import FwCfg
+        from .devices.i8042 import I8042, Reset
+        from .devices.pc_testdev import PcTestdev
+        from .devices.pci import PciHost
+        from .devices.pci_testdev import PciTestDev
+        from .devices.uart import Uart16550
+        from .x86.acpi import build_acpi
+        from .x86.mptable import build_mptable
+
+        if not self.irqchip or self.ioapic is not None:
+            raise ValueError("QEMU's PC needs KVM's in-kernel irqchip (Machine(irqchip=True))")
+        ncpus = len(self.vcpus)
+        self.uart = None
+        if serial is not False:
+            self.uart = Uart16550(serial or None, irq=self.irq(4))
+            self.add_device(self.uart)
+        fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
+        if cmdline:
+            fw_cfg.set_cmdline(cmdline)
+        host = PciHost(self.irq, self.vm.signal_msi, reset=lambda: Reset(source="PIIX3 reset control (port 0xcf9)"),
+                       ecam_base=0xE0000000 if ecam else None)
+        pm = AcpiPm(irq=self.irq(9))
+        devices = [fw_cfg, Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8)), I8042(), pm, host]
+        devices += [DebugExit(iobase, iosize) for iobase, iosize in debug_exits]
+        # QEMU's PC has none of pykvm's protocol ports (its pc-testdev sits on 0xE8-0xEB): a guest
+        # finds isa-debugcon only where the command line put one.
+        for port in (layout.CONSOLE_PORT, layout.CALL_PORT, layout.EXCEPTION_PORT, layout.HYPERCALL_PORT):
+            self.bus.remove_port(port)
+        for port, stream in debugcons:
+            if port == layout.CONSOLE_PORT:  # the machine's console: console_output keeps capturing it
+                self.debugcon.output.stream = stream
+                self.bus.add_port(port, self.debugcon.io, name="isa-debugcon")
+            else:
+                devices.append(DebugConsole(stream, port=port))
+        if pc_testdev:
+            devices.append(PcTestdev(irq=self.irq))
+        for device in devices:
+            self.add_device(device)
+        for _ in range(pci_testdevs):
+            host.add(PciTestDev())
+        host.assign_resources()
+        build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base, ecam_buses=(host.ecam_bus_start, host.ecam_bus_end)
+                   if ecam else (0, 255)).write(self.memory)
+        build_mptable(ncpus).write(self.memory)
+        self.pci = host
+        return host
+
     # ---- handlers -------------------------------------------------------------------------------
     def add_device(self, device) -> None:
-        """Put a device (``pykvm.devices``) on the bus: every port and MMIO range it declares."""
+        """Put a device (``pykvm.devices``) on the bus: every port and MMIO range it declares. The
+        machine closes it (if it has ``close``) when it closes."""
         device.attach(self.bus)
+        self._devices.append(device)
 
     def irq(self, gsi: int) -> Callable[[int], None]:
         """A function that sets interrupt line ``gsi`` (1 raised, 0 lowered) on the irqchip: KVM's
@@ -522,10 +598,14 @@ class Machine:
         kind = type(exit)
         if kind is exits.IoOut or kind is exits.IoIn:
             route = self.bus.port_route(exit.port)
-            return (route.handler, route.label) if route else (None, f"port {exit.port:#x}")
+            if route:
+                return route.handler, route.label
+            return (None, f"port {exit.port:#x}") if self.strict else (_unassigned, "unassigned port")
         if kind is exits.MmioWrite or kind is exits.MmioRead:
             route = self.bus.mmio_route(exit.gpa)
-            return (route.handler, route.label) if route else (None, f"mmio {exit.gpa:#x}")
+            if route:
+                return route.handler, route.label
+            return (None, f"mmio {exit.gpa:#x}") if self.strict else (_unassigned, "unassigned mmio")
         if kind is exits.X86Rdmsr or kind is exits.X86Wrmsr:
             return (self._msr if exit.index in self._msr_handlers else None), f"msr {exit.index:#x}"
         if kind is exits.Hypercall:
@@ -679,6 +759,12 @@ class Machine:
         except (KvmError, OSError):
             return {}
         return dict(totals)
+
+
+def _unassigned(exit, vcpu) -> None:
+    """What QEMU's PC does with an access nobody decodes: reads all ones, writes dropped."""
+    if isinstance(exit, (exits.IoIn, exits.MmioRead)):
+        exit.reply(-1)
 
 
 def _absent(exit, vcpu) -> None:

@@ -114,6 +114,11 @@ class Vm(FdObject):
         """Create the in-kernel i8254 PIT. Wraps ``KVM_CREATE_PIT2``."""
         self._ioctl("KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *", {"flags": flags}))
 
+    def reinject_control(self, pit_reinject: bool) -> None:
+        """Whether the in-kernel PIT re-injects ticks the guest missed (KVM's default) or drops
+        them (QEMU's ``kvm-pit.lost_tick_policy=discard``). Wraps ``KVM_REINJECT_CONTROL``."""
+        self._ioctl("KVM_REINJECT_CONTROL", ffi.new("struct kvm_reinject_control *", {"pit_reinject": int(pit_reinject)}))
+
     def get_pit2(self):
         """Wraps ``KVM_GET_PIT2``."""
         state = ffi.new("struct kvm_pit_state2 *")
