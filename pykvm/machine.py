@@ -361,10 +361,11 @@ class Machine:
         from .devices.cmos import Cmos
         from .devices.debug_exit import DebugExit
         from .devices.fw_cfg import FwCfg
-        from .devices.i8042 import I8042, Reset
+        from .devices.i8042 import I8042
         from .devices.pc_testdev import PcTestdev
         from .devices.pci import PciHost
         from .devices.pci_testdev import PciTestDev
+        from .devices.reset import SystemControlB, reset_control_reset
         from .devices.uart import Uart16550
         from .x86.acpi import build_acpi
         from .x86.mptable import build_mptable
@@ -379,10 +380,10 @@ class Machine:
         fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
         if cmdline:
             fw_cfg.set_cmdline(cmdline)
-        host = PciHost(self.irq, self.vm.signal_msi, reset=lambda: Reset(source="PIIX3 reset control (port 0xcf9)"),
-                       ecam_base=0xE0000000 if ecam else None)
+        host = PciHost(self.irq, self.vm.signal_msi, reset=reset_control_reset, ecam_base=0xE0000000 if ecam else None)
         pm = AcpiPm(irq=self.irq(9))
-        devices = [fw_cfg, Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8)), I8042(), pm, host]
+        cmos = Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8), wakeup=lambda: pm.wakeup("rtc"))
+        devices = [fw_cfg, cmos, I8042(), pm, host, SystemControlB(pit=self.vm)]
         devices += [DebugExit(iobase, iosize) for iobase, iosize in debug_exits]
         # QEMU's PC has none of pykvm's protocol ports (its pc-testdev sits on 0xE8-0xEB): a guest
         # finds isa-debugcon only where the command line put one.

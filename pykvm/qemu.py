@@ -254,6 +254,8 @@ def parse_args(argv: list[str]) -> Config:
             value = argv[i]
             i += 1
         _apply(config, name, value)
+    if len(config.serial) > 1:
+        raise _fail("-serial given twice: pykvm-qemu has one serial port (COM1)")
     if config.wait_gdb and config.gdb is None:
         raise _fail("-S: pykvm-qemu starts stopped only for gdb (add -s or -gdb tcp::PORT)")
     return config
@@ -501,8 +503,6 @@ def _check_memory(config: Config) -> None:
 def _serial_stream(config: Config, opened: list):
     """The stream COM1 writes to, and whether the UART exists at all."""
     if config.serial:
-        if len(config.serial) > 1:
-            raise _fail("-serial given twice: pykvm-qemu has one serial port (COM1)")
         return config.chardevs[config.serial[0]].open(opened), True
     if config.nographic:
         return sys.stdout.buffer, True
