@@ -145,6 +145,9 @@ class Machine:
     device claims (:class:`UnexpectedExit`); ``strict=False`` answers them as QEMU's PC does
     unassigned I/O: reads give all ones, writes are dropped (each counted under "unassigned port"
     or "unassigned mmio" in :attr:`stats`), which kernels written for QEMU rely on.
+
+    ``cpuid``, given KVM's supported CPUID (a CpuidEntry list), returns what the vCPUs get
+    (e.g. :func:`pykvm.x86.cpuid.edit_features`); the default gives them all of it.
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class Machine:
         console_limit: int = 1 << 20,
         trace: Callable[[exits.Exit], None] | None = None,
         strict: bool = True,
+        cpuid: Callable[[list], list] | None = None,
     ):
         if mem_size < layout.MIN_MEM_SIZE or mem_size % layout.PAGE_SIZE:
             raise ValueError(
@@ -189,9 +193,10 @@ class Machine:
                 if pit is not False:
                     self.vm.create_pit2()
             self.supported_cpuid = self.kvm.get_supported_cpuid()
+            offered = self.supported_cpuid if cpuid is None else cpuid(list(self.supported_cpuid))
             for i in range(cpus):
                 vcpu = self.vm.create_vcpu(i)
-                vcpu.set_cpuid2(guest_cpuid(self.supported_cpuid, i))
+                vcpu.set_cpuid2(guest_cpuid(offered, i))
                 self.vcpus.append(vcpu)
         except BaseException:
             self.close()

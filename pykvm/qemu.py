@@ -32,6 +32,7 @@ PROG = "pykvm-qemu"
 #: The QEMU release whose command line, help listings and version text this follows.
 QEMU_VERSION = "7.2.0"
 EXIT_BAD_COMMAND_LINE = 1  # QEMU's status for an option it cannot honour
+MAX_CPUS = 15  # pykvm's xAPIC tables and the CLI's limit
 
 MACHINES = {  # name -> description, as `-machine help` lists them
     "pc": "Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)",
@@ -40,6 +41,11 @@ MACHINES = {  # name -> description, as `-machine help` lists them
     "pc-q35-7.2": "Standard PC (Q35 + ICH9, 2009), here: pc with the PCIe ECAM window",
 }
 ACCELERATORS = ("kvm",)
+#: -cpu models taken as host (KVM's CPUID) with a warning: QEMU's named models are a CPUID table of
+#: their own, which pykvm does not reproduce; their +/- flags still apply.
+CPU_MODELS_AS_HOST = ("qemu64", "kvm64")
+#: -cpu properties that say what pykvm does anyway (the guest's physical address width is the host's).
+CPU_PROPERTIES_AS_IS = ("host-phys-bits", "host-phys-bits=on", "migratable=no", "migratable=off")
 
 
 class UsageError(Exception):
@@ -127,8 +133,8 @@ def parse_smp(text: str) -> int:
             cpus *= n
     if "maxcpus" in opts and _number("smp", "maxcpus", opts["maxcpus"]) != cpus:
         raise _fail(f"-smp {text}: pykvm-qemu has no CPU hotplug (maxcpus must equal cpus)")
-    if not 1 <= cpus <= 15:
-        raise _fail(f"-smp {text}: pykvm-qemu runs 1 to 15 CPUs")
+    if not 1 <= cpus <= MAX_CPUS:  # QEMU's wording: kvm-unit-tests reads the limit from its last word
+        raise _fail(f"-smp {text}: Invalid SMP CPUs {cpus}. The max CPUs supported by machine 'pc' is {MAX_CPUS}")
     return cpus
 
 
@@ -179,6 +185,9 @@ class Config:
     pit_reinject: bool = True
     nographic: bool = False
     listing: str | None = None  # "version", "help", "device", "machine", "accel", "cpu"
+    cpu_model: str = "max"
+    cpu_vendor: str | None = None  # -cpu ...,vendor=X: only the host's own is honoured
+    cpu_features: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
 
 
 # option -> (takes a value, what it is); every other option is refused by name
@@ -276,12 +285,23 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         if value in ("help", "?"):
             config.listing = "cpu"
             return
+        from .x86.cpuid import FEATURE_BITS
+
         model, *flags = split_opts(value)
-        if model not in ("host", "max"):
-            raise _fail(f"-cpu {value}: pykvm-qemu offers the CPU KVM offers: -cpu host or -cpu max")
-        if flags:
-            raise _fail(f"-cpu {value}: pykvm-qemu takes no CPU feature flags ({flags[0]}): the guest sees "
-                        "the CPUID KVM offers")
+        if model not in ("host", "max") and model not in CPU_MODELS_AS_HOST:
+            raise _fail(f"-cpu {value}: pykvm-qemu offers the CPU KVM offers: -cpu host or max (or "
+                        f"{', '.join(CPU_MODELS_AS_HOST)}, taken as host)")
+        config.cpu_model = model
+        for flag in flags:
+            if flag[:1] in "+-" and flag[1:] in FEATURE_BITS:
+                config.cpu_features.append((flag[1:], flag[0] == "+"))
+            elif flag in CPU_PROPERTIES_AS_IS:
+                pass
+            elif flag.startswith("vendor="):
+                config.cpu_vendor = flag[7:]
+            else:
+                raise _fail(f"-cpu {value}: {flag!r} is not a CPU feature or property pykvm-qemu implements "
+                            f"(features: {', '.join(sorted(FEATURE_BITS))})")
     elif name in ("machine", "M"):
         if value in ("help", "?"):
             config.listing = "machine"
@@ -522,7 +542,17 @@ def _run_once(config: Config, kernel: bytes, modules, opened: list):
             debugcons.append((int(dev.props.get("iobase", "0xe9"), 0), config.chardevs[dev.props["chardev"]]))
         if dev.name == "isa-debug-exit":
             exits_at.append((int(dev.props.get("iobase", "0x501"), 0), int(dev.props.get("iosize", "2"), 0)))
-    with Machine(config.mem, cpus=config.cpus, irqchip=True, strict=False, console=console) as m:
+    def cpuid(entries):
+        from .x86.cpuid import edit_features
+
+        entries, warnings = edit_features(entries, config.cpu_features)
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        return entries
+
+    if config.cpu_model in CPU_MODELS_AS_HOST:
+        print(f"{PROG}: warning: -cpu {config.cpu_model} is taken as -cpu host (the CPUID KVM offers)", file=sys.stderr)
+    with Machine(config.mem, cpus=config.cpus, irqchip=True, strict=False, console=console, cpuid=cpuid) as m:
         if not config.pit_reinject:
             m.vm.reinject_control(False)
         m.add_qemu_pc(
@@ -551,9 +581,20 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _host_vendor() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run(config: Config) -> int:
     from .devices.i8042 import Reset
-    from .images import read_image
+    from .images import ImageError, read_image
     from .loaders import detect_image
     from .machine import GuestError, GuestInterrupted
 
@@ -563,7 +604,14 @@ def run(config: Config) -> int:
         config.listing = "accel"
         return 0
     _check_memory(config)
-    kernel = read_image(config.kernel, config.mem)
+    if config.cpu_vendor is not None:
+        mine = _host_vendor()
+        if config.cpu_vendor != mine:
+            raise _fail(f"-cpu vendor={config.cpu_vendor}: this host's CPU is {mine}; pykvm-qemu cannot change the vendor")
+    try:
+        kernel = read_image(config.kernel, config.mem)
+    except ImageError as e:  # QEMU's words: runners check a command line with a kernel that is not there
+        raise _fail(f"could not load kernel '{config.kernel}': {e}") from None
     kind = detect_image(kernel, name=config.kernel)
     if kind == "flat":
         hint = " (a Linux bzImage: the Linux boot protocol is not implemented yet)" if kernel[0x202:0x206] == b"HdrS" else ""
@@ -582,9 +630,13 @@ def run(config: Config) -> int:
             print(f"{PROG}{who}: terminating on signal {(_signals or [signal.SIGINT.value])[-1]}", file=sys.stderr)
             return st.INTERRUPTED
         except GuestError as e:
-            if isinstance(e, GuestInterrupted):  # QEMU's line first: runners look for it
-                print(f"{PROG}{who}: terminating on signal {(_signals or [signal.SIGINT.value])[-1]}", file=sys.stderr)
-            print(f"{PROG}{who}: {e.report()}", file=sys.stderr)
+            if isinstance(e, GuestInterrupted):  # QEMU's line (runners look for it), then where the guest was
+                signum = (_signals or [signal.SIGINT.value])[-1]
+                print(f"{PROG}{who}: terminating on signal {signum}", file=sys.stderr)
+                print(f"{PROG}{who}: the guest was stopped here:" + ("\n" + e.state.format() if e.state else ""),
+                      file=sys.stderr)
+            else:
+                print(f"{PROG}{who}: {e.report()}", file=sys.stderr)
             return st.of_error(e)
         finally:
             for f in opened:

@@ -78,3 +78,46 @@ def advertise(entries, extension: str, *, svm_leaf: tuple[int, int, int, int] | 
     eax, ebx, ecx, edx = svm_leaf or DEFAULT_SVM_LEAF
     update(LEAF_SVM, eax=lambda _: eax, ebx=lambda _: ebx, ecx=lambda _: ecx, edx=lambda _: edx)
     return out
+
+
+#: QEMU's names of CPUID feature flags (``-cpu host,+x2apic,-pcid``): name -> (leaf, subleaf, register, bit).
+#: From the Intel SDM vol. 2A (CPUID) and AMD APM vol. 3 (appendix E); the names are QEMU's
+#: (target/i386/cpu.c feature_word_info).
+FEATURE_BITS: dict[str, tuple[int, int, str, int]] = {
+    "vmx": (1, 0, "ecx", 5), "pcid": (1, 0, "ecx", 17), "x2apic": (1, 0, "ecx", 21),
+    "tsc-deadline": (1, 0, "ecx", 24), "xsave": (1, 0, "ecx", 26), "avx": (1, 0, "ecx", 28),
+    "rdrand": (1, 0, "ecx", 30), "pdcm": (1, 0, "ecx", 15), "movbe": (1, 0, "ecx", 22),
+    "fsgsbase": (7, 0, "ebx", 0), "smep": (7, 0, "ebx", 7), "invpcid": (7, 0, "ebx", 10),
+    "rtm": (7, 0, "ebx", 11), "smap": (7, 0, "ebx", 20), "umip": (7, 0, "ecx", 2), "pku": (7, 0, "ecx", 3),
+    "la57": (7, 0, "ecx", 16), "rdpid": (7, 0, "ecx", 22),
+    "svm": (0x8000_0001, 0, "ecx", 2), "skinit": (0x8000_0001, 0, "ecx", 12), "nx": (0x8000_0001, 0, "edx", 20),
+    "pdpe1gb": (0x8000_0001, 0, "edx", 26), "rdtscp": (0x8000_0001, 0, "edx", 27), "lm": (0x8000_0001, 0, "edx", 29),
+    "npt": (0x8000_000A, 0, "edx", 0), "nrip-save": (0x8000_000A, 0, "edx", 3),
+}
+
+
+def edit_features(entries, changes: list[tuple[str, bool]]) -> tuple[list, list[str]]:
+    """``entries`` with QEMU-named feature bits turned off (``("pcid", False)``) or on. A bit is
+    turned on only where ``entries`` (KVM's supported CPUID) offers it, as QEMU does under KVM;
+    each one it cannot turn on is named in the returned warnings."""
+    out = list(entries)
+    warnings = []
+    for name, on in changes:
+        if name not in FEATURE_BITS:
+            raise ValueError(f"unknown CPU feature {name!r}")
+        leaf, sub, reg, bit = FEATURE_BITS[name]
+        for i, e in enumerate(out):
+            if e.function == leaf and e.index == sub:
+                value = getattr(e, reg)
+                if on:
+                    if not value >> bit & 1:
+                        warnings.append(f"host doesn't support requested feature: CPUID.{leaf:02X}H:"
+                                        f"{reg.upper()}.{name} [bit {bit}]")
+                else:
+                    out[i] = replace(e, **{reg: value & ~(1 << bit)})
+                break
+        else:
+            if on:
+                warnings.append(f"host doesn't support requested feature: CPUID.{leaf:02X}H:{reg.upper()}.{name} "
+                                f"[bit {bit}] (no such leaf)")
+    return out, warnings
