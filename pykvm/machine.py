@@ -192,6 +192,7 @@ class Machine:
                 self.vm.set_gsi_routing(PC_GSI_ROUTES)
                 if pit is not False:
                     self.vm.create_pit2()
+            self._has_pit = bool(irqchip is True and pit is not False)
             self.supported_cpuid = self.kvm.get_supported_cpuid()
             offered = self.supported_cpuid if cpuid is None else cpuid(list(self.supported_cpuid))
             for i in range(cpus):
@@ -359,7 +360,8 @@ class Machine:
         power-off) with the FADT, FACS and DSDT that describe it, ``isa-debug-exit`` at each
         (iobase, iosize) of ``debug_exits``, ``isa-debugcon`` at each (port, stream) of
         ``debugcons``, QEMU's ``pc-testdev`` and ``pci_testdevs`` ``pci-testdev`` functions. PCI
-        resources are assigned as SeaBIOS does before a ``-kernel`` guest starts. Build the
+        resources are assigned, and the interrupt vector table, the 8259s and the PIT set up
+        (:mod:`pykvm.x86.bios`), as SeaBIOS leaves them before a ``-kernel`` guest starts. Build the
         machine with ``strict=False`` for QEMU's unassigned I/O. Returns the :class:`PciHost`
         (its UART, if any, is :attr:`uart`)."""
         from .devices.acpi_pm import AcpiPm
@@ -377,7 +379,10 @@ class Machine:
 
         if not self.irqchip or self.ioapic is not None:
             raise ValueError("QEMU's PC needs KVM's in-kernel irqchip (Machine(irqchip=True))")
+        from .x86.bios import leave_firmware_state
+
         ncpus = len(self.vcpus)
+        leave_firmware_state(self.vm, self.memory, pit=self._has_pit)
         self.uart = None
         if serial is not False:
             self.uart = Uart16550(serial or None, irq=self.irq(4))
@@ -388,7 +393,7 @@ class Machine:
         host = PciHost(self.irq, self.vm.signal_msi, reset=reset_control_reset, ecam_base=0xE0000000 if ecam else None)
         pm = AcpiPm(irq=self.irq(9))
         cmos = Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8), wakeup=lambda: pm.wakeup("rtc"))
-        devices = [fw_cfg, cmos, I8042(), pm, host, SystemControlB(pit=self.vm)]
+        devices = [fw_cfg, cmos, I8042(), pm, host, SystemControlB(pit=self.vm if self._has_pit else None)]
         devices += [DebugExit(iobase, iosize) for iobase, iosize in debug_exits]
         # QEMU's PC has none of pykvm's protocol ports (its pc-testdev sits on 0xE8-0xEB): a guest
         # finds isa-debugcon only where the command line put one.
