@@ -183,6 +183,7 @@ class Config:
     wait_gdb: bool = False
     name: str | None = None
     pit_reinject: bool = True
+    pit: bool = True  # -machine pit=off: no i8254 (KVM's in-kernel PIT is not created)
     nographic: bool = False
     listing: str | None = None  # "version", "help", "device", "machine", "accel", "cpu"
     cpu_model: str = "max"
@@ -315,6 +316,10 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
                 config.machine = v
             elif key == "accel":
                 config.accel = _accel(f"-machine {value}", v)
+            elif key == "pit":
+                if v not in ("on", "off"):
+                    raise _fail(f"-machine {value}: pit takes on or off")
+                config.pit = v == "on"
             elif key in ("kernel_irqchip", "kernel-irqchip"):
                 if v not in ("on", "true"):
                     raise _fail(f"-machine {value}: pykvm-qemu runs with KVM's in-kernel irqchip (kernel_irqchip=on)")
@@ -552,8 +557,9 @@ def _run_once(config: Config, kernel: bytes, modules, opened: list):
 
     if config.cpu_model in CPU_MODELS_AS_HOST:
         print(f"{PROG}: warning: -cpu {config.cpu_model} is taken as -cpu host (the CPUID KVM offers)", file=sys.stderr)
-    with Machine(config.mem, cpus=config.cpus, irqchip=True, strict=False, console=console, cpuid=cpuid) as m:
-        if not config.pit_reinject:
+    with Machine(config.mem, cpus=config.cpus, irqchip=True, pit=config.pit, strict=False, console=console,
+                 cpuid=cpuid) as m:
+        if not config.pit_reinject and config.pit:
             m.vm.reinject_control(False)
         m.add_qemu_pc(
             serial if has_uart else False, cmdline=config.append, ecam=config.machine.startswith(("q35", "pc-q35")),

@@ -36,7 +36,8 @@ def test_kvm_unit_tests_command_line_parses():
     assert config.append == "a b"
     assert [d.name for d in config.devices] == ["pc-testdev", "isa-debug-exit", "pci-testdev"]
     assert config.devices[1].props == {"iobase": "0xf4", "iosize": "0x4"}
-    assert config.pit_reinject is False and config.accel == "kvm"
+    assert config.pit_reinject is False and config.accel == "kvm" and config.pit is True
+    assert parse_args(["-machine", "pc,pit=off"]).pit is False
 
 
 @pytest.mark.parametrize("argv, message", [

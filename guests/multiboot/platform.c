@@ -10,6 +10,24 @@
  * with the multiboot memory information (as far as firmware allows: see the checks); starts every application processor with INIT/SIPI (each
  * AP counts itself in and halts); and, given "uart-irq" on its command line, waits for a byte on
  * the UART through its receive interrupt (IOAPIC pin 4, vector UART_VECTOR) and echoes it.
+ *
+ * Words for QEMU's PC (QEMU itself, or pykvm-qemu; pykvm's own `pykvm run` has none of this, so
+ * each check runs only when its word is on the command line):
+ *   pci         enumerate bus 0 with configuration mechanism #1 ("pci 00:DD.F vvvv:dddd class
+ *               cccccc"), then find QEMU's pci-testdev (1b36:0005), read and size its BARs and
+ *               run its tests through BAR0 (memory) and BAR1 (ports) as kvm-unit-tests'
+ *               lib/pci-testdev.c does; with "q35" too, read the same registers through the
+ *               ECAM window of the ACPI MCFG and compare them with mechanism #1.
+ *   acpi-pm     the FADT's PM1a_CNT_BLK, PM_TMR_BLK and FACS; the PM timer must advance.
+ *   unassigned  an unclaimed port (0x1234) reads all ones, unclaimed MMIO (UNASSIGNED_MMIO) all
+ *               ones or (QEMU's choice) all zeros, at every width, before and after writes.
+ *   poweroff    end by ACPI S5 (SLP_TYP from the DSDT's \_S5, SLP_EN, to PM1a_CNT_BLK) instead of
+ *               isa-debug-exit -- only when every check passed (a failure still exits through
+ *               port 0xF4 with its bits, so it cannot look like a clean power-off, status 0).
+ *
+ * The exit value has 7 bits (isa-debug-exit's status (value << 1) | 1 is one byte): 0x40 marks a
+ * failure, bits 0x01-0x10 are the first five checks', and 0x20 stands for any of the new ones
+ * (FAIL_PCI and up); "platform: fail bits 0x..." on the UART gives the whole word.
  */
 #include "pykvm.h"
 #include "print.h"
@@ -28,6 +46,20 @@
 #define FAIL_RAM	0x04u
 #define FAIL_SMP	0x08u
 #define FAIL_UART	0x10u
+#define FAIL_PCI	0x20u	/* mechanism #1 enumeration, pci-testdev BARs and tests */
+/* 0x40 is the exit value's failure mark: the bits below do not fit in the exit value, which
+ * shows them as FAIL_PCI (FAIL_QEMU_WORDS); the UART line has them all. */
+#define FAIL_ECAM	0x080u	/* MCFG missing, or ECAM and mechanism #1 disagree */
+#define FAIL_PM		0x100u	/* no FADT / FACS, or the PM timer did not advance */
+#define FAIL_UNASSIGNED	0x200u	/* an unclaimed port not all ones, or unclaimed MMIO neither all ones nor all zeros */
+#define FAIL_POWEROFF	0x400u	/* the S5 write returned */
+#define FAIL_QEMU_WORDS	0x20u	/* what every bit from FAIL_PCI up shows as in the exit value */
+
+#define UNASSIGNED_PORT	0x1234
+/* Above RAM, below the IOAPIC (0xFEC00000), outside pykvm's BAR window (0xD0000000 up to the ECAM
+ * at 0xE0000000) and outside where SeaBIOS put QEMU's BARs; the kernel checks it is no BAR it
+ * found when "pci" enumerated. */
+#define UNASSIGNED_MMIO	0xFEB00000u
 
 struct multiboot_info {
 	u32 flags, mem_lower, mem_upper, boot_device, cmdline;
@@ -111,18 +143,32 @@ static const u8 *find_rsdp(void)
 	return 0;
 }
 
+static const u8 *table_at(u32 address, const char *sig)
+{
+	const u8 *table = (const u8 *)address;
+	if (address && memeq(table, sig, 4) && checksum(table, *(const u32 *)(table + 4)) == 0)
+		return table;
+	return 0;
+}
+
+/* A table by signature: from the RSDT (32-bit entries), else, when the RSDP (revision 2 and up)
+ * has one below 4 GiB, from the XSDT (64-bit entries; those above 4 GiB are out of reach here). */
+static const u8 *find_table(const u8 *rsdp, const char *sig)
+{
+	const u8 *found = 0;
+	const u8 *rsdt = table_at(*(const u32 *)(rsdp + 16), "RSDT");
+	for (u32 off = 36; rsdt && !found && off + 4 <= *(const u32 *)(rsdt + 4); off += 4)
+		found = table_at(*(const u32 *)(rsdt + off), sig);
+	const u8 *xsdt = rsdp[15] >= 2 && *(const u32 *)(rsdp + 28) == 0 ? table_at(*(const u32 *)(rsdp + 24), "XSDT") : 0;
+	for (u32 off = 36; xsdt && !found && off + 8 <= *(const u32 *)(xsdt + 4); off += 8)
+		if (*(const u32 *)(xsdt + off + 4) == 0)
+			found = table_at(*(const u32 *)(xsdt + off), sig);
+	return found;
+}
+
 static const u8 *find_madt(const u8 *rsdp)
 {
-	const u8 *sdt = (const u8 *)*(const u32 *)(rsdp + 16);	/* the RSDT (32-bit entries) */
-	u32 length = *(const u32 *)(sdt + 4);
-	if (!memeq(sdt, "RSDT", 4) || checksum(sdt, length))
-		return 0;
-	for (u32 off = 36; off + 4 <= length; off += 4) {
-		const u8 *table = (const u8 *)*(const u32 *)(sdt + off);
-		if (memeq(table, "APIC", 4) && checksum(table, *(const u32 *)(table + 4)) == 0)
-			return table;
-	}
-	return 0;
+	return find_table(rsdp, "APIC");
 }
 
 /* Enabled local APICs (their ids in apic_ids) and the IOAPIC address, from the MADT. */
@@ -250,6 +296,445 @@ static void wait_for_uart_byte(u32 ioapic)
 	puts("' by interrupt\n");
 }
 
+/* ---- hex without the 0x, as lspci prints numbers -------------------------------------------- */
+static void put_hex_digits(u32 value, int digits)
+{
+	static const char hex[] = "0123456789abcdef";
+	for (int i = digits - 1; i >= 0; i--)
+		putc(hex[(value >> (4 * i)) & 0xF]);
+}
+
+static inline u8 mmio_read8(u32 addr) { return *(volatile u8 *)addr; }
+static inline u16 mmio_read16(u32 addr) { return *(volatile u16 *)addr; }
+static inline void mmio_write8(u32 addr, u8 value) { *(volatile u8 *)addr = value; }
+static inline void mmio_write16(u32 addr, u16 value) { *(volatile u16 *)addr = value; }
+
+/* ---- PCI: configuration mechanism #1 (PCI Local Bus 3.0, 3.2.2.3.2) and ECAM (PCIe 3.0, 7.2.2) -- */
+#define PCI_CONFIG_ADDRESS	0xCF8
+#define PCI_CONFIG_DATA		0xCFC
+#define MAX_FUNCTIONS		32
+
+struct pci_fn { u8 dev, fn; };
+static struct pci_fn pci_fns[MAX_FUNCTIONS];
+static u32 pci_nfns;
+static u32 testdev_bar0, testdev_bar1;		/* what the pci-testdev decodes (0: none found) */
+
+static u32 conf1_addr(u8 dev, u8 fn, u8 reg)
+{
+	return 0x80000000u | (u32)dev << 11 | (u32)fn << 8 | (reg & 0xFCu);
+}
+
+static u32 conf1_read(u8 dev, u8 fn, u8 reg)
+{
+	pykvm_outl(PCI_CONFIG_ADDRESS, conf1_addr(dev, fn, reg));
+	return pykvm_inl(PCI_CONFIG_DATA);
+}
+
+static void conf1_write(u8 dev, u8 fn, u8 reg, u32 value)
+{
+	pykvm_outl(PCI_CONFIG_ADDRESS, conf1_addr(dev, fn, reg));
+	pykvm_outl(PCI_CONFIG_DATA, value);
+}
+
+/* The standard sizing of a 32-bit BAR: decoding off, all ones in, read back, the old value and
+ * the command register back. Returns the size (0: no BAR). */
+static u32 pci_bar_size(u8 dev, u8 fn, u8 bar)
+{
+	u8 reg = 0x10 + 4 * bar;
+	u32 command = conf1_read(dev, fn, 0x04) & 0xFFFF;
+	u32 old = conf1_read(dev, fn, reg);
+	conf1_write(dev, fn, 0x04, command & ~3u);
+	conf1_write(dev, fn, reg, 0xFFFFFFFFu);
+	u32 mask = conf1_read(dev, fn, reg);
+	conf1_write(dev, fn, reg, old);
+	conf1_write(dev, fn, 0x04, command);
+	mask &= (old & 1) ? ~3u : ~15u;
+	if (old & 1)
+		mask |= 0xFFFF0000u;	/* I/O BARs may hardwire the upper 16 bits to 0 */
+	return mask ? ~mask + 1 : 0;
+}
+
+static void pci_enumerate(void)
+{
+	for (u8 dev = 0; dev < 32; dev++) {
+		if ((conf1_read(dev, 0, 0x00) & 0xFFFF) == 0xFFFF)
+			continue;
+		u8 functions = (conf1_read(dev, 0, 0x0C) >> 16) & 0x80 ? 8 : 1;	/* header type bit 7 */
+		for (u8 fn = 0; fn < functions; fn++) {
+			u32 id = conf1_read(dev, fn, 0x00);
+			if ((id & 0xFFFF) == 0xFFFF)
+				continue;
+			puts("pci 00:");
+			put_hex_digits(dev, 2);
+			putc('.');
+			put_hex_digits(fn, 1);
+			putc(' ');
+			put_hex_digits(id & 0xFFFF, 4);
+			putc(':');
+			put_hex_digits(id >> 16, 4);
+			puts(" class ");
+			put_hex_digits(conf1_read(dev, fn, 0x08) >> 8, 6);
+			putc('\n');
+			if (pci_nfns < MAX_FUNCTIONS)
+				pci_fns[pci_nfns++] = (struct pci_fn){dev, fn};
+		}
+	}
+	/* Every PC has its host bridge at 00.0 and (i440FX / PIIX3) an ISA bridge at 01.0. */
+	check(pci_nfns >= 1 && pci_fns[0].dev == 0 && pci_fns[0].fn == 0 && (conf1_read(0, 0, 0x08) >> 8) == 0x060000,
+	      FAIL_PCI, "no host bridge at 00:00.0");
+}
+
+/* kvm-unit-tests' struct pci_test_dev_hdr, QEMU's PCITestDevHdr. */
+#define TESTDEV_TEST	0x00
+#define TESTDEV_WIDTH	0x01
+#define TESTDEV_OFFSET	0x04
+#define TESTDEV_DATA	0x08
+#define TESTDEV_COUNT	0x0C
+#define TESTDEV_NAME	0x10
+#define TESTDEV_WRITES	16
+
+static u32 td_read(int io, u32 base, u32 off, int width)
+{
+	if (io)
+		return width == 1 ? pykvm_inb(base + off) : width == 2 ? pykvm_inw(base + off) : pykvm_inl(base + off);
+	return width == 1 ? mmio_read8(base + off) : width == 2 ? mmio_read16(base + off) : mmio_read(base + off);
+}
+
+static void td_write(int io, u32 base, u32 off, int width, u32 value)
+{
+	if (io) {
+		if (width == 1)
+			pykvm_outb(base + off, (u8)value);
+		else if (width == 2)
+			pykvm_outw(base + off, (u16)value);
+		else
+			pykvm_outl(base + off, value);
+	} else if (width == 1) {
+		mmio_write8(base + off, (u8)value);
+	} else if (width == 2) {
+		mmio_write16(base + off, (u16)value);
+	} else {
+		mmio_write(base + off, value);
+	}
+}
+
+/* kvm-unit-tests' pci_testdev_all over one BAR: select test n, check its count starts at 0, make
+ * TESTDEV_WRITES writes of `data` at `offset`, and count: every write, or none (QEMU answers the
+ * eventfd tests with an ioeventfd, which the device's count never sees). A "no-eventfd" test has
+ * no ioeventfd, so there every write must count, and a write of other data must not. Returns how
+ * many tests the BAR has (the first n whose header is no test ends the walk). */
+static u32 testdev_run(int io, u32 base)
+{
+	u32 n;
+	for (n = 0; n < 8; n++) {
+		td_write(io, base, TESTDEV_TEST, 1, n);
+		u32 count = td_read(io, base, TESTDEV_COUNT, 4);
+		u32 width = td_read(io, base, TESTDEV_WIDTH, 1);
+		if (width != 1 && width != 2 && width != 4)
+			break;
+		u32 data = td_read(io, base, TESTDEV_DATA, 4), off = td_read(io, base, TESTDEV_OFFSET, 4);
+		char name[40];
+		u32 len = 0;
+		for (u8 c; len + 1 < sizeof(name) && (c = (u8)td_read(io, base, TESTDEV_NAME + len, 1)); len++)
+			name[len] = (char)c;
+		name[len] = 0;
+		int no_eventfd = len >= 11 && memeq(name + len - 11, "-no-eventfd", 11);
+		for (u32 i = 0; i < TESTDEV_WRITES; i++)
+			td_write(io, base, off, (int)width, data);
+		u32 counted = td_read(io, base, TESTDEV_COUNT, 4);
+		u32 after_other = counted;
+		if (no_eventfd) {
+			td_write(io, base, off, (int)width, data ^ 0xFF);
+			after_other = td_read(io, base, TESTDEV_COUNT, 4);
+		}
+		puts(io ? "pci-testdev  io: " : "pci-testdev mem: ");
+		puts(name);
+		puts(" (");
+		put_dec(counted);
+		puts(" of ");
+		put_dec(TESTDEV_WRITES);
+		puts(" writes counted)\n");
+		check(count == 0, FAIL_PCI, "pci-testdev: a test's count does not start at 0");
+		check(len > 0 && memeq(name, io ? "portio-" : "mmio-", io ? 7 : 5), FAIL_PCI,
+		      "pci-testdev: a test's name is not of its BAR's kind");
+		check(counted == TESTDEV_WRITES || (!no_eventfd && counted == 0), FAIL_PCI,
+		      "pci-testdev: the count does not follow the writes");
+		check(after_other == counted, FAIL_PCI, "pci-testdev: a write of other data counted");
+	}
+	td_write(io, base, TESTDEV_TEST, 1, 0xFF);	/* none selected */
+	return n;
+}
+
+static void pci_testdev(void)
+{
+	u32 i;
+	for (i = 0; i < pci_nfns; i++)
+		if (conf1_read(pci_fns[i].dev, pci_fns[i].fn, 0x00) == 0x00051B36u)
+			break;
+	if (i == pci_nfns) {
+		fail(FAIL_PCI, "no pci-testdev (1b36:0005)");
+		return;
+	}
+	u8 dev = pci_fns[i].dev, fn = pci_fns[i].fn;
+	u32 bar0 = conf1_read(dev, fn, 0x10), bar1 = conf1_read(dev, fn, 0x14);
+	u32 command = conf1_read(dev, fn, 0x04) & 0xFFFF;
+	u32 size0 = pci_bar_size(dev, fn, 0), size1 = pci_bar_size(dev, fn, 1);
+	puts("pci-testdev: bar0 mem ");
+	put_hex(bar0 & ~15u, 8);
+	puts(" size ");
+	put_dec(size0);
+	puts(", bar1 io ");
+	put_hex(bar1 & ~3u, 4);
+	puts(" size ");
+	put_dec(size1);
+	putc('\n');
+	check(conf1_read(dev, fn, 0x10) == bar0 && conf1_read(dev, fn, 0x14) == bar1 &&
+	      (conf1_read(dev, fn, 0x04) & 0xFFFF) == command, FAIL_PCI, "pci-testdev: sizing did not restore the BARs");
+	check((bar0 & 1) == 0 && (bar0 & 6) == 0 && (bar1 & 1) == 1, FAIL_PCI,
+	      "pci-testdev: BAR0 is no 32-bit memory BAR or BAR1 no I/O BAR");
+	check(size0 == 4096 && size1 == 256, FAIL_PCI, "pci-testdev: BAR sizes are not 4 KiB and 256 ports");
+	check((bar0 & ~15u) % 4096 == 0 && (bar1 & ~3u) % 256 == 0 && (bar0 & ~15u) && (bar1 & ~3u), FAIL_PCI,
+	      "pci-testdev: a BAR is unassigned or not naturally aligned");
+	check((command & 3) == 3, FAIL_PCI, "pci-testdev: I/O or memory decoding is off");
+	if ((bar0 & 1) || !(bar1 & 1) || (command & 3) != 3)
+		return;
+	testdev_bar0 = bar0 & ~15u;
+	testdev_bar1 = bar1 & ~3u;
+	u32 mem_tests = testdev_run(0, testdev_bar0);
+	u32 io_tests = testdev_run(1, testdev_bar1);
+	puts("pci-testdev: ");
+	put_dec(mem_tests);
+	puts(" mem tests, ");
+	put_dec(io_tests);
+	puts(" io tests\n");
+	check(mem_tests == 3 && io_tests == 3, FAIL_PCI, "pci-testdev: not 3 tests in each BAR");
+}
+
+/* The MCFG (PCI Firmware Specification 3.0, 4.1.2): after the header and 8 reserved bytes, 16-byte
+ * allocations of u64 base, u16 segment, u8 start bus, u8 end bus. The base is bus 0's. */
+static void pci_ecam(const u8 *rsdp)
+{
+	const u8 *mcfg = rsdp ? find_table(rsdp, "MCFG") : 0;
+	if (!mcfg || *(const u32 *)(mcfg + 4) < 44 + 16) {
+		fail(FAIL_ECAM, "no ACPI MCFG");
+		return;
+	}
+	const u8 *entry = mcfg + 44;
+	u32 base = *(const u32 *)entry, base_hi = *(const u32 *)(entry + 4);
+	u16 segment = *(const u16 *)(entry + 8);
+	u8 start = entry[10], end = entry[11];
+	puts("ecam: mcfg base ");
+	put_hex(base, 8);
+	puts(", segment ");
+	put_dec(segment);
+	puts(", buses ");
+	put_dec(start);
+	putc('-');
+	put_dec(end);
+	putc('\n');
+	if (base_hi || segment || start != 0 || end < start || !base) {
+		fail(FAIL_ECAM, "ecam: bus 0 of segment 0 is not below 4 GiB");
+		return;
+	}
+	u32 agree = 0;
+	for (u32 i = 0; i < pci_nfns; i++) {
+		u8 dev = pci_fns[i].dev, fn = pci_fns[i].fn;
+		u32 cfg = base + ((u32)dev << 15 | (u32)fn << 12);
+		int same = 1;
+		for (u8 reg = 0; reg < 0x40; reg += 4)
+			same &= mmio_read(cfg + reg) == conf1_read(dev, fn, reg);
+		agree += same;
+	}
+	/* A function's absence (all ones) must agree too: a device number no function answers. */
+	u8 empty = 31;
+	while (empty > 2 && (conf1_read(empty, 0, 0) & 0xFFFF) != 0xFFFF)
+		empty--;
+	u32 absent = mmio_read(base + ((u32)empty << 15));
+	/* A write through ECAM reaches the register mechanism #1 reads: the interrupt line (0x3C, a
+	 * plain read/write byte) of the last function found, put back afterwards. */
+	int written = 0;
+	if (pci_nfns) {
+		u8 dev = pci_fns[pci_nfns - 1].dev, fn = pci_fns[pci_nfns - 1].fn;
+		u32 line = base + ((u32)dev << 15 | (u32)fn << 12) + 0x3C;
+		u8 old = mmio_read8(line);
+		mmio_write8(line, (u8)(old ^ 0x5A));
+		written = (conf1_read(dev, fn, 0x3C) & 0xFF) == (u8)(old ^ 0x5A);
+		mmio_write8(line, old);
+		written &= (conf1_read(dev, fn, 0x3C) & 0xFF) == old;
+	}
+	puts("ecam: ");
+	put_dec(agree);
+	puts(" of ");
+	put_dec(pci_nfns);
+	puts(" functions agree with mechanism #1, empty 00:");
+	put_hex_digits(empty, 2);
+	puts(".0 reads ");
+	put_hex(absent, 8);
+	puts(written ? ", writes reach mechanism #1\n" : ", a write did not reach mechanism #1\n");
+	check(agree == pci_nfns && pci_nfns > 0 && absent == 0xFFFFFFFFu && written, FAIL_ECAM,
+	      "ecam: ECAM and mechanism #1 disagree");
+}
+
+/* ---- ACPI fixed hardware from the FADT (ACPI 6.5, 5.2.9) -------------------------------------- */
+struct fadt_info { u32 pm1a_cnt, pm_tmr, facs; u8 s5_typ; };
+
+/* SLP_TYP for S5 from the DSDT's \_S5 object: NameOp "_S5_" PackageOp PkgLength NumElements, then
+ * the first element (PM1a's value) as ZeroOp, OneOp or BytePrefix n. Returns -1 if not found. */
+static int dsdt_s5(const u8 *dsdt)
+{
+	u32 length = *(const u32 *)(dsdt + 4);
+	for (u32 i = 36; i + 8 < length; i++) {
+		if (!memeq(dsdt + i, "_S5_", 4) || dsdt[i + 4] != 0x12)
+			continue;
+		const u8 *p = dsdt + i + 5;
+		p += 1 + (p[0] >> 6);		/* PkgLength: bits 7-6 of its lead byte count the bytes after it */
+		p += 1;				/* NumElements */
+		if (p[0] == 0x00 || p[0] == 0x01)
+			return p[0];
+		if (p[0] == 0x0A)
+			return p[1] & 7;
+		return -1;
+	}
+	return -1;
+}
+
+static int read_fadt(const u8 *rsdp, struct fadt_info *f)
+{
+	const u8 *fadt = rsdp ? find_table(rsdp, "FACP") : 0;
+	if (!fadt || *(const u32 *)(fadt + 4) < 116)
+		return 0;
+	u32 length = *(const u32 *)(fadt + 4);
+	f->facs = *(const u32 *)(fadt + 36);
+	if (!f->facs && length >= 140 && *(const u32 *)(fadt + 136) == 0)
+		f->facs = *(const u32 *)(fadt + 132);	/* X_FIRMWARE_CTRL */
+	f->pm1a_cnt = *(const u32 *)(fadt + 64);
+	f->pm_tmr = *(const u32 *)(fadt + 76);
+	const u8 *dsdt = (const u8 *)*(const u32 *)(fadt + 40);
+	int s5 = dsdt && memeq(dsdt, "DSDT", 4) ? dsdt_s5(dsdt) : -1;
+	/* QEMU's DSDT has \_S5 = Package {0, 0, 0, 0} (the PIIX4's and ICH9's S5 is SLP_TYP 0). */
+	f->s5_typ = s5 < 0 ? 0 : (u8)s5;
+	return 1;
+}
+
+static u32 pm_timer(u32 port)
+{
+	return pykvm_inl((u16)port) & 0xFFFFFF;
+}
+
+static void acpi_pm(const struct fadt_info *f, int have)
+{
+	if (!have) {
+		fail(FAIL_PM, "no ACPI FADT");
+		return;
+	}
+	puts("acpi-pm: pm1a_cnt ");
+	put_hex_min(f->pm1a_cnt, 4);
+	puts(", pm_tmr ");
+	put_hex_min(f->pm_tmr, 4);
+	puts(", facs ");
+	put_hex_min(f->facs, 8);
+	puts(", s5 slp_typ ");
+	put_dec(f->s5_typ);
+	putc('\n');
+	check(f->facs && memeq((const void *)f->facs, "FACS", 4) && *(const u32 *)(f->facs + 4) >= 64, FAIL_PM,
+	      "acpi-pm: no FACS where the FADT says");
+	check(f->pm1a_cnt && f->pm1a_cnt < 0x10000 && f->pm_tmr && f->pm_tmr < 0x10000, FAIL_PM,
+	      "acpi-pm: PM1a_CNT_BLK or PM_TMR_BLK is no port");
+	if (!f->pm_tmr || f->pm_tmr >= 0x10000)
+		return;
+	u32 t0 = pm_timer(f->pm_tmr);
+	for (volatile u32 spin = 0; spin < 20000; spin++)
+		__asm__ __volatile__("pause");
+	u32 t1 = pm_timer(f->pm_tmr);
+	u32 ticks = (t1 - t0) & 0xFFFFFF;		/* the 24-bit counter may have wrapped once */
+	puts("acpi-pm: timer ");
+	put_hex(t0, 6);
+	puts(" -> ");
+	put_hex(t1, 6);
+	puts(", advanced ");
+	put_dec(ticks);
+	puts(" ticks\n");
+	check(ticks > 0, FAIL_PM, "acpi-pm: the PM timer did not advance");
+}
+
+/* ---- unassigned I/O: all ones in, writes dropped --------------------------------------------- */
+/* Ports: all ones at every width, as on QEMU (ioport.c unassigned_io_read). */
+static void unassigned(void)
+{
+	if (testdev_bar0 && UNASSIGNED_MMIO >= testdev_bar0 && UNASSIGNED_MMIO < testdev_bar0 + 4096) {
+		fail(FAIL_UNASSIGNED, "unassigned: the MMIO address chosen is the pci-testdev's BAR0");
+		return;
+	}
+	u32 ports = 0, mmio = 0, first_mmio = 0;
+	for (int round = 0; round < 2; round++) {	/* before and after the writes */
+		u8 b = pykvm_inb(UNASSIGNED_PORT);
+		u16 w = pykvm_inw(UNASSIGNED_PORT);
+		u32 l = pykvm_inl(UNASSIGNED_PORT);
+		u8 mb = mmio_read8(UNASSIGNED_MMIO);
+		u16 mw = mmio_read16(UNASSIGNED_MMIO + 2);
+		u32 ml = mmio_read(UNASSIGNED_MMIO + 4);
+		ports += b == 0xFF && w == 0xFFFF && l == 0xFFFFFFFFu;
+		/* MMIO: all ones (a PCI master abort; pykvm-qemu), or all zeros: QEMU's own unassigned
+		 * MMIO (memory.c unassigned_mem_read) reads 0, under TCG and KVM alike. Either way every
+		 * width must read the same pattern, before and after the writes (no RAM, no register). */
+		mmio += (mb == 0xFF && mw == 0xFFFF && ml == 0xFFFFFFFFu) || (mb == 0 && mw == 0 && ml == 0);
+		if (round == 0)
+			first_mmio = ml;
+		else
+			mmio -= ml != first_mmio;
+		puts(round ? "unassigned: after writes, port " : "unassigned: port ");
+		put_hex_min(UNASSIGNED_PORT, 4);
+		puts(" reads ");
+		put_hex(b, 2);
+		putc(' ');
+		put_hex(w, 4);
+		putc(' ');
+		put_hex(l, 8);
+		puts(", mmio ");
+		put_hex(UNASSIGNED_MMIO, 8);
+		puts(" reads ");
+		put_hex(mb, 2);
+		putc(' ');
+		put_hex(mw, 4);
+		putc(' ');
+		put_hex(ml, 8);
+		putc('\n');
+		if (!round) {
+			pykvm_outb(UNASSIGNED_PORT, 0x12);
+			pykvm_outw(UNASSIGNED_PORT, 0x3456);
+			pykvm_outl(UNASSIGNED_PORT, 0x789ABCDEu);
+			mmio_write8(UNASSIGNED_MMIO, 0x12);
+			mmio_write16(UNASSIGNED_MMIO + 2, 0x3456);
+			mmio_write(UNASSIGNED_MMIO + 4, 0x789ABCDEu);
+		}
+	}
+	/* Nothing broke: the host bridge still answers (the UART does, or this line would not come). */
+	u32 bridge = conf1_read(0, 0, 0x00);
+	puts("unassigned: host bridge still ");
+	put_hex_digits(bridge & 0xFFFF, 4);
+	putc(':');
+	put_hex_digits(bridge >> 16, 4);
+	putc('\n');
+	check(ports == 2, FAIL_UNASSIGNED, "unassigned: a port read was not all ones");
+	check(mmio == 2, FAIL_UNASSIGNED, "unassigned: MMIO did not read all ones (or all zeros) at every width");
+	check((bridge & 0xFFFF) != 0xFFFF && bridge != 0, FAIL_UNASSIGNED, "unassigned: the host bridge is gone");
+}
+
+/* ACPI S5: SLP_TYP | SLP_EN to PM1a_CNT. Returns only if the machine did not power off (QEMU
+ * stops the vCPU soon after, not at once: give it half a second of PM timer). */
+static void acpi_poweroff(const struct fadt_info *f)
+{
+	puts("platform: power off (s5)\n");
+	pykvm_outw((u16)f->pm1a_cnt, (u16)((u32)f->s5_typ << 10 | 1u << 13));
+	u32 waited = 0, last = pm_timer(f->pm_tmr);
+	for (u32 spin = 0; waited < 3579545 / 2 && spin < 100000000; spin++) {
+		u32 now = pm_timer(f->pm_tmr);
+		waited += (now - last) & 0xFFFFFF;
+		last = now;
+	}
+	fail(FAIL_POWEROFF, "the S5 write to PM1a_CNT_BLK returned");
+}
+
 static int has_word(const char *s, const char *word)
 {
 	for (; s && *s; s++) {
@@ -326,10 +811,35 @@ void kmain(u32 magic, const struct multiboot_info *info)
 	puts(" cpus up\n");
 	check(aps_up + 1 == acpi_cpus, FAIL_SMP, "not every application processor came up");
 
-	if (has_word((const char *)info->cmdline, "uart-irq"))
+	const char *cmdline = (const char *)info->cmdline;
+	if (has_word(cmdline, "uart-irq"))
 		wait_for_uart_byte(ioapic);
 
-	u32 value = status ? 0x40 | status : aps_up + 1;
+	if (has_word(cmdline, "pci")) {
+		pci_enumerate();
+		pci_testdev();
+		if (has_word(cmdline, "q35"))
+			pci_ecam(rsdp);
+	}
+	struct fadt_info fadt = {0, 0, 0, 0};
+	int have_fadt = (has_word(cmdline, "acpi-pm") || has_word(cmdline, "poweroff")) && rsdp && read_fadt(rsdp, &fadt);
+	if (has_word(cmdline, "acpi-pm"))
+		acpi_pm(&fadt, have_fadt);
+	if (has_word(cmdline, "unassigned"))
+		unassigned();
+	if (has_word(cmdline, "poweroff")) {
+		if (!have_fadt || !fadt.pm1a_cnt || fadt.pm1a_cnt >= 0x10000 || !fadt.pm_tmr || fadt.pm_tmr >= 0x10000)
+			fail(FAIL_POWEROFF, "poweroff: no FADT with PM1a_CNT_BLK and PM_TMR_BLK");
+		else if (!status)	/* a failure exits through isa-debug-exit with its bits */
+			acpi_poweroff(&fadt);
+	}
+
+	if (status) {
+		puts("platform: fail bits ");
+		put_hex_min(status, 3);
+		putc('\n');
+	}
+	u32 value = status ? 0x40 | (status & 0x1F) | (status & ~0x1Fu ? FAIL_QEMU_WORDS : 0) : aps_up + 1;
 	puts("platform: exit ");
 	put_dec(value);
 	putc('\n');
