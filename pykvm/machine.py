@@ -392,7 +392,15 @@ class Machine:
             fw_cfg.set_cmdline(cmdline)
         host = PciHost(self.irq, self.vm.signal_msi, reset=reset_control_reset, ecam_base=0xE0000000 if ecam else None)
         pm = AcpiPm(irq=self.irq(9))
-        cmos = Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8), wakeup=lambda: pm.wakeup("rtc"))
+        self.acpi_pm = pm
+        self.woken = threading.Event()  # set when a wake event ends an ACPI S3 sleep (resume_from_s3)
+
+        def rtc_alarm() -> None:
+            sleeping = pm.sleep_state is not None
+            if pm.wakeup("rtc") and sleeping:
+                self.woken.set()
+
+        cmos = Cmos(below_4g=self.ram.size, ncpus=ncpus, irq=self.irq(8), wakeup=rtc_alarm)
         devices = [fw_cfg, cmos, I8042(), pm, host, SystemControlB(pit=self.vm if self._has_pit else None)]
         devices += [DebugExit(iobase, iosize) for iobase, iosize in debug_exits]
         # QEMU's PC has none of pykvm's protocol ports (its pc-testdev sits on 0xE8-0xEB): a guest
@@ -412,11 +420,35 @@ class Machine:
         for _ in range(pci_testdevs):
             host.add(PciTestDev())
         host.assign_resources()
-        build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base, ecam_buses=(host.ecam_bus_start, host.ecam_bus_end)
-                   if ecam else (0, 255)).write(self.memory)
+        self.acpi = build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base,
+                               ecam_buses=(host.ecam_bus_start, host.ecam_bus_end) if ecam else (0, 255))
+        self.acpi.write(self.memory)
         build_mptable(ncpus).write(self.memory)
         self.pci = host
         return host
+
+    def resume_from_s3(self) -> None:
+        """After a run that ended in ACPI S3 (:class:`~pykvm.devices.acpi_pm.Suspend`) and a wake
+        event (:attr:`woken`): the vCPUs as a resume from S3 leaves them (the firmware's path on a
+        PC). The boot CPU starts in real mode at the FACS's firmware waking vector (CS = vector >> 4,
+        IP = vector & 0xF), the others wait for a SIPI again; RAM and devices keep their state."""
+        from .constants import MpState
+        from .x86.modes import setup_regs, setup_sregs
+
+        facs = struct.unpack_from("<I", self.memory.read(self.acpi.tables["FACP"] + 36, 4))[0]
+        vector = struct.unpack_from("<I", self.memory.read(facs + 12, 4))[0]
+        if not vector:
+            raise UnexpectedExit("the guest woke from S3 with no firmware waking vector in the FACS",
+                                 CpuState.capture(self.vcpu, self.memory))
+        sregs = self.vcpu.get_sregs()
+        setup_sregs(sregs, Mode.REAL)
+        sregs.cs.selector, sregs.cs.base = vector >> 4, (vector >> 4) << 4
+        self.vcpu.set_sregs(sregs)
+        regs = self.vcpu.get_regs()
+        setup_regs(regs, Mode.REAL, vector & 0xF)
+        self.vcpu.set_regs(regs)
+        for vcpu in self.vcpus[1:]:
+            vcpu.set_mp_state(MpState.INIT_RECEIVED)
 
     # ---- handlers -------------------------------------------------------------------------------
     def add_device(self, device) -> None:

@@ -537,6 +537,7 @@ def _serial_stream(config: Config, opened: list):
 
 
 def _run_once(config: Config, kernel: bytes, modules, opened: list):
+    from .devices.acpi_pm import Suspend
     from .machine import Machine
 
     serial, has_uart = _serial_stream(config, opened)
@@ -576,7 +577,12 @@ def _run_once(config: Config, kernel: bytes, modules, opened: list):
             print(f"{PROG}: gdb server on {host}:{port}", file=sys.stderr)
             server.start()
             return server.run()
-        return m.run()
+        outcome = m.run()
+        while isinstance(outcome, Suspend):  # ACPI S3: asleep until a wake event, then on from the waking vector
+            m.woken.wait()
+            m.resume_from_s3()
+            outcome = m.run()
+        return outcome
 
 
 _signals: list[int] = []  # the signal that ends the run (SIGINT unless _terminate saw another)

@@ -206,3 +206,38 @@ def test_a_triple_fault_is_reported_with_registers_and_never_as_a_pass(echo_kern
     assert result.stderr.startswith(("pykvm-qemu: the guest triple-faulted (KVM_EXIT_SHUTDOWN)",
                                      "pykvm-qemu: unexpected exit: InternalError(EMULATION"))
     assert "rip=" in result.stderr and "code at 0x" in result.stderr
+
+
+@pytest.mark.kvm
+def test_acpi_s3_sleeps_until_the_rtc_alarm_and_resumes_at_the_waking_vector(guest_asm, kvm_machine):
+    """As kvm-unit-tests' s3: enable the RTC wake event, arm the alarm for every second, enter S3;
+    the machine wakes on the alarm and the boot CPU goes on in real mode at the FACS's vector."""
+    import struct
+
+    from pykvm.devices.acpi_pm import Suspend
+
+    image = guest_asm("""
+        .code32
+        mov $0x400, %ax; mov $0xb002, %dx; outw %ax, %dx      /* PM1_EN: RTC_EN */
+        mov $1, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71   /* alarm: don't care, every second */
+        mov $3, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71
+        mov $5, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71
+        mov $0xb, %al; outb %al, $0x70; inb $0x71, %al; or $0x20, %al; mov %al, %bl
+        mov $0xb, %al; outb %al, $0x70; mov %bl, %al; outb %al, $0x71   /* register B: AIE */
+        mov $0x2400, %ax; mov $0xb004, %dx; outw %ax, %dx     /* PM1a_CNT: SLP_TYP 1 (S3), SLP_EN */
+    1:  jmp 1b
+    """, "protected")
+    m = kvm_machine("protected", image=image, irqchip=True, strict=False)
+    m.add_qemu_pc(False)
+    facs = struct.unpack("<I", m.memory.read(m.acpi.tables["FACP"] + 36, 4))[0]
+    m.memory.write(facs + 12, struct.pack("<I", 0x1010))  # CS:IP = 0x101:0
+    m.memory.write(0x1010, bytes.fromhex("b82100" "baf400" "ef" "f4"))  # mov ax,0x21; mov dx,0xf4; out dx,ax; hlt
+    outcome = m.run(timeout=10)
+    assert isinstance(outcome, Suspend) and m.acpi_pm.sleep_state == 3
+    assert m.woken.wait(5), "the RTC alarm did not wake the machine"
+    m.resume_from_s3()
+    sregs = m.vcpu.get_sregs()
+    assert (sregs.cs.selector, sregs.cs.base, m.vcpu.get_regs().rip, sregs.cr0 & 1) == (0x101, 0x1010, 0, 0)
+    resumed = m.run(timeout=10)
+    assert resumed.via == "isa-debug-exit" and resumed.exit_status == (0x21 << 1) | 1
+    assert m.acpi_pm.pm1_sts & (1 << 15 | 1 << 10) == (1 << 15 | 1 << 10)  # WAK_STS and RTC_STS
