@@ -143,7 +143,7 @@ class Machine:
 
     ``strict`` (the default, for pykvm's own guests) stops the run at a port or MMIO address no
     device claims (:class:`UnexpectedExit`); ``strict=False`` answers them as QEMU's PC does
-    unassigned I/O: reads give all ones, writes are dropped (each counted under "unassigned port"
+    unassigned I/O: port reads give all ones, MMIO reads 0, writes are dropped (each counted under "unassigned port"
     or "unassigned mmio" in :attr:`stats`), which kernels written for QEMU rely on.
 
     ``cpuid``, given KVM's supported CPUID (a CpuidEntry list), returns what the vCPUs get
@@ -805,9 +805,12 @@ class Machine:
 
 
 def _unassigned(exit, vcpu) -> None:
-    """What QEMU's PC does with an access nobody decodes: reads all ones, writes dropped."""
-    if isinstance(exit, (exits.IoIn, exits.MmioRead)):
+    """What QEMU 7.2's PC does with an access nobody decodes: port reads give all ones, MMIO reads
+    0 (memory.c ``unassigned_mem_read``), writes are dropped."""
+    if isinstance(exit, exits.IoIn):
         exit.reply(-1)
+    elif isinstance(exit, exits.MmioRead):
+        exit.reply(0)
 
 
 def _absent(exit, vcpu) -> None:

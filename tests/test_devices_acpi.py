@@ -206,7 +206,7 @@ def test_pc_fadt_fields_as_qemu_pc(pc_tables):
     assert struct.unpack_from("<II", f, 36) == (pc_tables.tables["FACS"], pc_tables.tables["DSDT"])
     assert f[44] == 1 and struct.unpack_from("<H", f, 46)[0] == 9  # INT_MODEL, SCI_INT
     assert struct.unpack_from("<IBB", f, 48) == (0, 0, 0)  # SMI_CMD, ACPI_ENABLE, ACPI_DISABLE
-    assert struct.unpack_from("<8I", f, 56) == (0xB000, 0, 0xB004, 0, 0, 0xB008, 0xAFE0, 0)
+    assert struct.unpack_from("<8I", f, 56) == (0x600, 0, 0x604, 0, 0, 0x608, 0xAFE0, 0)
     assert tuple(f[88:95]) == (4, 2, 0, 4, 4, 0, 0)
     assert struct.unpack_from("<HH", f, 96) == (0xFFF, 0xFFF)
     flags = struct.unpack_from("<I", f, 112)[0]
@@ -214,9 +214,9 @@ def test_pc_fadt_fields_as_qemu_pc(pc_tables):
     assert not flags & (1 << 20)  # not hardware-reduced
     assert f[116:128] == struct.pack("<BBBBQ", 1, 8, 0, 1, 0xCF9) and f[128] == 0x06
     assert struct.unpack_from("<QQ", f, 132) == (0, pc_tables.tables["DSDT"])
-    assert f[148:160] == struct.pack("<BBBBQ", 1, 32, 0, 2, 0xB000)  # X_PM1a_EVT_BLK
-    assert f[172:184] == struct.pack("<BBBBQ", 1, 16, 0, 2, 0xB004)  # X_PM1a_CNT_BLK
-    assert f[208:220] == struct.pack("<BBBBQ", 1, 32, 0, 3, 0xB008)  # X_PM_TMR_BLK
+    assert f[148:160] == struct.pack("<BBBBQ", 1, 32, 0, 2, 0x600)  # X_PM1a_EVT_BLK
+    assert f[172:184] == struct.pack("<BBBBQ", 1, 16, 0, 2, 0x604)  # X_PM1a_CNT_BLK
+    assert f[208:220] == struct.pack("<BBBBQ", 1, 32, 0, 3, 0x608)  # X_PM_TMR_BLK
     assert f[220:232] == struct.pack("<BBBBQ", 1, 32, 0, 1, 0xAFE0)  # X_GPE0_BLK
     many = build_acpi(9, platform="pc").table("FACP")
     assert struct.unpack_from("<I", many, 112)[0] & (1 << 18)  # cluster model past 8 CPUs, as QEMU
@@ -281,8 +281,8 @@ def test_iasl_disassembles_the_pc_tables(pc_tables, tmp_path, name):
         assert word not in output.lower(), output
         assert word not in dsl.lower(), dsl
     if name == "FACP":
-        for line in ("PM1A Event Block Address : 0000B000", "PM1A Control Block Address : 0000B004",
-                     "PM Timer Block Address : 0000B008", "GPE0 Block Address : 0000AFE0",
+        for line in ("PM1A Event Block Address : 00000600", "PM1A Control Block Address : 00000604",
+                     "PM Timer Block Address : 00000608", "GPE0 Block Address : 0000AFE0",
                      "SCI Interrupt : 0009", "Hardware Reduced (V5) : 0", "Reset Register Supported (V2) : 1",
                      "Value to cause reset : 06", "Address : 0000000000000CF9"):
             assert line in dsl, line

@@ -9,7 +9,7 @@ from pykvm.devices.acpi_pm import PM_TIMER_FREQUENCY, AcpiPm, PowerOff, Suspend
 from pykvm.devices.harness import PortHarness
 from pykvm.outcome import Outcome
 
-BASE, GPE = 0xB000, 0xAFE0
+BASE, GPE = 0x600, 0xAFE0
 STS, EN, CNT, TMR = BASE, BASE + 2, BASE + 4, BASE + 8
 
 

@@ -493,7 +493,7 @@ def test_descriptions():
     host, g = make(PciTestDev())
     assert host.describe() == ["00:00.0 0600: 8086:1237 i440FX (Host bridge)",
                                "00:01.0 0601: 8086:7000 PIIX3 (ISA bridge)",
-                               "00:02.0 ff00: 1b36:0005 pci-testdev (PCI Test Device)"]
+                               "00:02.0 00ff: 1b36:0005 pci-testdev (PCI Test Device)"]
     assert qemu_device_help([PciTestDev, Dev]) == ['name "pci-testdev", bus PCI, desc "PCI Test Device"',
                                                    'name "test-dev", bus PCI, desc "Test device"']
 
@@ -735,7 +735,7 @@ def test_pci_testdev_as_kvm_unit_tests_drives_it():
     host.assign_resources()
     dev = g.find_dev(0x1B36, 0x0005)
     assert dev == 0x10
-    assert g.cfg_read(dev, 0x08) == 0xFF000000 and g.cfg_read(dev, 0x3D, 1) == 0
+    assert g.cfg_read(dev, 0x08) == 0x00FF0000 and g.cfg_read(dev, 0x3D, 1) == 0
     assert g.bar_size(dev, 0) == 4096 and g.bar_size(dev, 1) == 256 and g.bar_size(dev, 2) == 0
     mem = DevOps(g, g.bar_addr(dev, 0), io=False)
     io = DevOps(g, g.bar_addr(dev, 1), io=True)

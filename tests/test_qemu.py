@@ -218,13 +218,13 @@ def test_acpi_s3_sleeps_until_the_rtc_alarm_and_resumes_at_the_waking_vector(gue
 
     image = guest_asm("""
         .code32
-        mov $0x400, %ax; mov $0xb002, %dx; outw %ax, %dx      /* PM1_EN: RTC_EN */
+        mov $0x400, %ax; mov $0x602, %dx; outw %ax, %dx      /* PM1_EN: RTC_EN */
         mov $1, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71   /* alarm: don't care, every second */
         mov $3, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71
         mov $5, %al; outb %al, $0x70; mov $0xc0, %al; outb %al, $0x71
         mov $0xb, %al; outb %al, $0x70; inb $0x71, %al; or $0x20, %al; mov %al, %bl
         mov $0xb, %al; outb %al, $0x70; mov %bl, %al; outb %al, $0x71   /* register B: AIE */
-        mov $0x2400, %ax; mov $0xb004, %dx; outw %ax, %dx     /* PM1a_CNT: SLP_TYP 1 (S3), SLP_EN */
+        mov $0x2400, %ax; mov $0x604, %dx; outw %ax, %dx     /* PM1a_CNT: SLP_TYP 1 (S3), SLP_EN */
     1:  jmp 1b
     """, "protected")
     m = kvm_machine("protected", image=image, irqchip=True, strict=False)

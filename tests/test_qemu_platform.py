@@ -152,18 +152,18 @@ def test_acpi_pm_block_and_timer(platform_kernel):
     out = r.stdout
     assert r.returncode == 3 and "FAIL" not in out, out + r.stderr
     pm1a_cnt, pm_tmr, facs, s5 = pm_info(out)
-    assert (pm1a_cnt, pm_tmr, s5) == (0xB004, 0xB008, 0)  # pykvm's PM block at 0xB000, \_S5 = 0
+    assert (pm1a_cnt, pm_tmr, s5) == (0x604, 0x608, 0)  # the PM block at 0x600, as QEMU's, \_S5 = 0
     assert 0xE0000 <= facs < 0x100000 and facs % 64 == 0  # build_acpi puts the FACS in the BIOS area
     t0, t1, ticks = pm_timer(out)
     assert ticks == (t1 - t0) & 0xFFFFFF and 0 < ticks < 3579545 * 5  # advanced, by less than 5 s
 
 
 @pytest.mark.kvm
-def test_unassigned_port_and_mmio_read_all_ones(platform_kernel):
+def test_unassigned_ports_read_all_ones_and_mmio_zero(platform_kernel):
     r = pykvm_qemu(platform_kernel[0], "pci unassigned")
     out = r.stdout
     assert r.returncode == 3 and "FAIL" not in out, out + r.stderr
-    ones = "port 0x1234 reads 0xff 0xffff 0xffffffff, mmio 0xfeb00000 reads 0xff 0xffff 0xffffffff"
+    ones = "port 0x1234 reads 0xff 0xffff 0xffffffff, mmio 0xfeb00000 reads 0x00 0x0000 0x00000000"
     assert unassigned_lines(out) == [f"unassigned: {ones}", f"unassigned: after writes, {ones}",
                                      "unassigned: host bridge still 8086:1237"]
 
@@ -180,9 +180,6 @@ def test_acpi_poweroff_ends_the_run_with_status_0(platform_kernel, cpus, machine
 
 
 @pytest.mark.kvm
-@pytest.mark.xfail(strict=True, reason="pykvm bug: pykvm/devices/pci_testdev.py PciTestDev.class_code is "
-                   "0xFF0000; QEMU's hw/misc/pci-testdev.c sets PCI_CLASS_OTHERS (0xff) as the 16-bit "
-                   "class/subclass word, so qemu-system-x86_64 7.2 shows class 00ff00")
 def test_pci_testdev_class_is_qemu_s(platform_kernel):
     out = pykvm_qemu(platform_kernel[0], "pci").stdout
     assert pci_list(out)["00:02.0"] == ("1b36:0005", "00ff00"), out
@@ -223,8 +220,8 @@ def test_pykvm_qemu_against_qemu_tcg(platform_kernel):
       * the eventfd tests' counts: QEMU answers them with an ioeventfd (count 0), pykvm counts;
       * the FACS address (wherever the firmware put its tables) and the MP table / multiboot RAM
         lines (SeaBIOS lists one CPU and keeps 1 MiB; see tests/test_platform.py);
-      * the PM block's ports, the pci-testdev's class and unassigned MMIO: pykvm bugs, each
-        asserted by a strict xfail below."""
+      * (the PM block's ports, the pci-testdev's class and unassigned MMIO, which differed until
+        they were fixed, have tests of their own below)."""
     line = "pci acpi-pm unassigned"
     ours, theirs = pykvm_qemu(platform_kernel[0], line, 2), real_qemu(platform_kernel[0], line, 2)
     assert ours.returncode == theirs.returncode == (2 << 1) | 1, ours.stdout + theirs.stdout
@@ -259,9 +256,6 @@ def test_pykvm_qemu_against_qemu_tcg(platform_kernel):
 
 @needs_qemu
 @pytest.mark.kvm
-@pytest.mark.xfail(strict=True, reason="pykvm bug: pykvm/machine.py answers unassigned MMIO with all ones "
-                   "(_unassigned, strict=False); QEMU 7.2 reads 0 there (memory.c unassigned_mem_read), under "
-                   "TCG and KVM alike; ports agree (all ones)")
 def test_unassigned_mmio_reads_as_on_qemu(platform_kernel):
     ours = pykvm_qemu(platform_kernel[0], "unassigned").stdout
     theirs = real_qemu(platform_kernel[0], "unassigned").stdout
@@ -271,9 +265,6 @@ def test_unassigned_mmio_reads_as_on_qemu(platform_kernel):
 
 @needs_qemu
 @pytest.mark.kvm
-@pytest.mark.xfail(strict=True, reason="pykvm bug: pykvm/devices/acpi_pm.py PM_BASE is 0xB000 (and the FADT "
-                   "of pykvm/x86/acpi.py says so); QEMU 7.2's SeaBIOS puts the PIIX4 PM block (PMBA) at 0x600 "
-                   "on pc too (`info mtree`: piix4-pm 0x600-0x63f), so QEMU's FADT has PM1a_CNT 0x604, PM_TMR 0x608")
 def test_pm_block_where_qemu_has_it(platform_kernel):
     ours = pm_info(pykvm_qemu(platform_kernel[0], "acpi-pm").stdout)
     theirs = pm_info(real_qemu(platform_kernel[0], "acpi-pm").stdout)

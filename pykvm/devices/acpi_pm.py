@@ -6,10 +6,11 @@ Register behaviour after QEMU's ``hw/acpi/core.c`` (``acpi_pm1_evt_*``, ``acpi_p
 Specification 6.5, 4.8 (fixed hardware registers):
 
 Where it sits. The PIIX4 PM block is 64 ports at the base the firmware writes to PCI config
-register 0x40 (PMBA) of function 00:01.3; QEMU itself leaves it disabled until then, and SeaBIOS
-puts it at 0xB000 on ``pc`` (``PORT_ACPI_PM_BASE``; 0x600 is ``q35``'s ICH9 base, not ``pc``'s).
+register 0x40 (PMBA) of function 00:01.3; QEMU itself leaves it disabled until then. The
+SeaBIOS that QEMU 7.2 ships puts it at 0x600 on ``pc`` (seen: its FADT says PM1a_CNT 0x604 and
+PM_TMR 0x608, and the monitor's ``info mtree`` shows ``piix4-pm 0x600-0x63f``), as on ``q35``.
 GPE0 is fixed at 0xAFE0, 4 ports (piix4.c ``GPE_BASE`` / ``GPE_LEN``). pykvm has no firmware,
-so the device is simply placed at ``base`` (default 0xB000) and ``gpe0_base`` (default 0xAFE0);
+so the device is simply placed at ``base`` (default 0x600) and ``gpe0_base`` (default 0xAFE0);
 the FADT that :func:`pykvm.x86.acpi.build_acpi` builds with ``platform="pc"`` says the same,
 and guests (Linux, kvm-unit-tests' ``x86/vmexit.c`` and ``x86/s3.c``) read the ports from it.
 Of the 64 ports only these decode (others read 0xFF, writes dropped):
@@ -69,7 +70,7 @@ from ..outcome import Outcome
 from .base import Device, Irq, IrqLine
 from .cmos import DeadlineTimer
 
-PM_BASE = 0xB000  # SeaBIOS's PORT_ACPI_PM_BASE for the PIIX4 on pc
+PM_BASE = 0x600  # where QEMU 7.2's SeaBIOS puts the PIIX4 PM block on pc (and q35)
 PM_SIZE = 64
 GPE0_BASE = 0xAFE0  # QEMU hw/acpi/piix4.c GPE_BASE
 GPE0_LEN = 4

@@ -89,7 +89,7 @@ class PciTestDev(PciFunction):
     vendor_id = 0x1B36  # PCI_VENDOR_ID_REDHAT
     device_id = 0x0005  # PCI_DEVICE_ID_REDHAT_TEST
     revision = 0x00
-    class_code = 0xFF0000  # PCI_CLASS_OTHERS
+    class_code = 0x00FF00  # PCI_CLASS_OTHERS (0xff) as QEMU sets it: the 16-bit class word, so base class 0, subclass 0xff
     interrupt_pin = 0
     max_access_size = 1
 

@@ -109,7 +109,7 @@ RESET_VALUE = 0xFE  # ...and its "pulse reset" command
 
 # platform="pc": ACPI fixed hardware (pykvm.devices.acpi_pm, pykvm.devices.reset)
 PLATFORMS = ("reduced", "pc")
-PM_BASE = 0xB000
+PM_BASE = 0x600  # as QEMU 7.2 with its SeaBIOS (pykvm/devices/acpi_pm.py)
 GPE0_BASE = 0xAFE0
 GPE0_LEN = 4
 SCI_IRQ = 9
