@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the COM1 UART goes (stdio: stdout, and your terminal's input feeds it)")
     run.add_argument("--dump-pagetables", action="store_true",
                      help="when the guest stops, print the mappings of its live page tables")
+    run.add_argument("--strict", action="store_true",
+                     help="stop the guest at a port or MMIO access no device claims (default: as QEMU, port reads "
+                          "give all ones, MMIO reads 0, writes are dropped)")
     run.add_argument("--stats", action="store_true",
                      help="exit counts and times per exit kind and device, and KVM's own counters")
     run.set_defaults(func=cmd_run)
@@ -371,7 +374,7 @@ def cmd_run(args) -> int:
     console = None if args.json else sys.stdout.buffer
     outcome = error = None
     try:
-        with Machine(args.mem, cpus=args.smp, irqchip=irqchip, console=console,
+        with Machine(args.mem, cpus=args.smp, irqchip=irqchip, console=console, strict=args.strict,
                      trace=_trace if args.trace_exits else None) as machine:
             uart = machine.add_pc_devices(serial, cmdline=args.append, tables=kind != "flat")
             machine.load_kernel(image, path=path, cmdline=args.append, modules=modules, mode=mode,

@@ -57,7 +57,7 @@ def test_default_guest_runs_and_exits_zero():
     ],
 )
 def test_guests_from_the_command_line(built, name, mode, code, stdout, stderr_start):
-    result = run_cli("run", built[name], "--mode", mode)
+    result = run_cli("run", built[name], "--mode", mode, "--strict")
     assert result.returncode == code, result.stderr
     if stdout is not None:
         assert result.stdout == stdout
@@ -133,7 +133,7 @@ def test_ctrl_c_stops_the_guest_and_reports_it(built):
 
 @pytest.mark.kvm
 def test_unmapped_write_is_reported(built):
-    result = run_cli("run", built["wild_write"], "--json")
+    result = run_cli("run", built["wild_write"], "--json", "--strict")
     doc = json.loads(result.stdout)
     assert result.returncode == doc["status"] == status.GUEST_STOPPED
     assert doc["error"]["kind"] == "UnexpectedExit"
@@ -182,6 +182,14 @@ def test_oversized_image(tmp_path, capsys):
 def test_addresses_outside_guest_memory(built, args, message, capsys):
     assert main(["run", built["hello_long"], *args]) == status.USAGE
     assert capsys.readouterr().err == f"pykvm: error: {message}\n"
+
+
+@pytest.mark.kvm
+def test_without_strict_unassigned_accesses_go_nowhere_as_on_qemu(built):
+    """The write to 0xE0000000 that --strict stops on is dropped; the guest goes on to DONE(0)."""
+    result = run_cli("run", built["wild_write"], "--stats")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert "unassigned mmio" in result.stderr
 
 
 def test_usage_errors_exit_64(capsys):
