@@ -674,6 +674,8 @@ class GdbServer:
                 return
             if read_linear(vcpu, self.machine.memory, pc, 1) not in (exit.insn_bytes[:1], b""):
                 return  # a breakpoint removed since the emulator read it: run the original instruction
+        if not trap and self.machine.complete_hint_nop(exit, vcpu):
+            return  # an instruction KVM's emulator lacks that does nothing here (see Machine.complete_hint_nop)
         if self._attached:  # let gdb look at the failure; resuming ends the run as it would without gdb
             self._park(vcpu, Stop(SIGTRAP if trap else SIGILL))
         raise UnexpectedExit(f"unexpected exit: {describe_exit(exit)}", CpuState.capture(vcpu, self.machine.memory), exit)

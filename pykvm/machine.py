@@ -30,6 +30,7 @@ from .constants import (
     MSR_FILTER_READ,
     MSR_FILTER_WRITE,
     Cap,
+    InternalErrorSub,
 )
 from .devices.debugcon import DebugConsole
 from .devices.ioapic import PINS as IOAPIC_PINS
@@ -210,6 +211,7 @@ class Machine:
         self.on_sync: Callable[[int], None] | None = None
         self.trace = trace
         self.strict = strict
+        self.hint_nops_completed = 0  # instructions KVM's emulator failed on that complete_hint_nop did
         #: Called as ``after_exit(exit, vcpu)`` in the vCPU's thread after every exit a handler answered
         #: (set it before :meth:`run`). A debugger uses it to end a single step as soon as the instruction
         #: that exited completes (some backends lose the step trap across an exit to user space).
@@ -224,7 +226,7 @@ class Machine:
         self.bus.add_port(layout.HYPERCALL_PORT, self._hypercall_port, name="hypercall port")
         self._msr_handlers: dict[int, tuple[Callable | None, Callable | None]] = {}
         self._hypercalls: dict[int, Callable] = {}
-        self._exit_handlers: dict[type, Callable] = {}
+        self._exit_handlers: dict[type, Callable] = {exits.InternalError: self._internal_error}
         self._stop_reason: str | None = None
         self._finished = threading.Event()
         self._running = False
@@ -666,6 +668,39 @@ class Machine:
     def _kvm_hypercall(self, exit, vcpu):
         vcpu.complete_hypercall(self._hypercall(vcpu, exit, exit.nr, exit.args))
 
+    def complete_hint_nop(self, exit, vcpu) -> bool:
+        """Where KVM's instruction emulator gave up on an instruction whose effect is trivial, do
+        it and say True: the hint NOPs (``nop r/m``, 0F 18-1F, the PREFETCH hints); while CR4.CET is off, ENDBR32/64
+        and RDSSPD/Q (which leave their register alone without CET); CLAC/STAC at CPL0 (RFLAGS.AC
+        cleared / set). kvm_pvm runs
+        guest CPL0 code through that emulator, which lacks them; Xen's and CET-built kernels use
+        them. Anything else: False, and the failure stands."""
+        if exit.suberror != InternalErrorSub.EMULATION or not exit.insn_bytes:
+            return False
+        import capstone
+
+        sregs = vcpu.get_sregs()
+        bits = code_bits(sregs)
+        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+        regs = vcpu.get_regs()
+        insn = next(capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(exit.insn_bytes, regs.rip), None)
+        if insn is None:
+            return False
+        cet = sregs.cr4 >> 23 & 1
+        if insn.mnemonic in ("clac", "stac") and sregs.cs.selector & 3 == 0:  # CPL0 only (#UD otherwise)
+            regs.rflags = regs.rflags | RFLAGS_AC if insn.mnemonic == "stac" else regs.rflags & ~RFLAGS_AC
+        elif not (insn.mnemonic == "nop" or insn.mnemonic.startswith("prefetch")
+                  or (not cet and insn.mnemonic in ("endbr32", "endbr64", "rdsspd", "rdsspq"))):
+            return False
+        regs.rip = (regs.rip + insn.size) & ((1 << bits) - 1 if bits < 64 else (1 << 64) - 1)
+        vcpu.set_regs(regs)
+        self.hint_nops_completed += 1
+        return True
+
+    def _internal_error(self, exit, vcpu):
+        if not self.complete_hint_nop(exit, vcpu):
+            self._unexpected(exit, vcpu)
+
     def _unexpected(self, exit, vcpu):
         state = CpuState.capture(vcpu, self.memory)
         if isinstance(exit, exits.Shutdown):
@@ -802,6 +837,9 @@ class Machine:
         except (KvmError, OSError):
             return {}
         return dict(totals)
+
+
+RFLAGS_AC = 1 << 18
 
 
 def _unassigned(exit, vcpu) -> None:
