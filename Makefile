@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 DEPS_PROFILE = run
 test: DEPS_PROFILE = test
 
-.PHONY: system-deps setup guests run test test-amd test-intel repro-amd bench clean
+.PHONY: test-outside test-kut system-deps setup guests run test test-amd test-intel repro-amd bench clean
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/system-deps $(DEPS_PROFILE)
@@ -73,6 +73,17 @@ test-intel: setup guests
 	else \
 	  echo "make test-intel: SKIPPED: the kvm_intel reference host cannot run here:"; scripts/refhost-intel --check; \
 	fi
+
+# make test-outside: kernels from Debian's packages started with QEMU's command line (the Xen
+# hypervisor, scripts/outside_kernels.py) under pykvm-qemu and under QEMU's TCG: about 30 s.
+test-outside: setup guests
+	$(PY) scripts/outside_kernels.py --setup
+	PYKVM_OUTSIDE_REQUIRED=1 $(PY) -m pytest -q -rs -p no:cacheprovider --kvm-required tests/test_outside_kernels.py
+
+# make test-kut KUT_DIR=~/src/kvm-unit-tests: kvm-unit-tests' own runner under QEMU (KVM) and
+# under pykvm-qemu, side by side (scripts/kvm_unit_tests.py; public only as source: skips without it).
+test-kut: setup
+	$(PY) scripts/kvm_unit_tests.py $(if $(KUT_DIR),--kut $(KUT_DIR))
 
 # make repro-amd: scripts/guest_debug_repro.c (KVM guest debugging, no pykvm) here and inside the
 # reference host, in real mode, 64-bit CPL0 and CPL3; prints what each KVM does.
