@@ -8,6 +8,7 @@ import pytest
 from pykvm.devices.acpi_pm import PM_TIMER_FREQUENCY, AcpiPm, PowerOff, Suspend
 from pykvm.devices.harness import PortHarness
 from pykvm.outcome import Outcome
+from fake_timer import FakeTimer
 
 BASE, GPE = 0x600, 0xAFE0
 STS, EN, CNT, TMR = BASE, BASE + 2, BASE + 4, BASE + 8
@@ -19,31 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class FakeTimer:
-    """What DeadlineTimer offers, without a thread: the test fires it."""
-
-    def __init__(self, callback):
-        self.callback = callback
-        self.deadline = None
-        self.closed = False
-
-    def arm(self, deadline):
-        self.deadline = deadline
-
-    def cancel(self):
-        self.deadline = None
-
-    def close(self):
-        self.closed = True
-        self.deadline = None
-
-    def fire(self):
-        self.deadline = None
-        following = self.callback()
-        if following is not None:
-            self.deadline = following
 
 
 def make(**kwargs):

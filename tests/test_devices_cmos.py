@@ -11,6 +11,7 @@ import pytest
 
 from pykvm.devices.cmos import Cmos, DeadlineTimer, memory_size_registers, periodic_period
 from pykvm.devices.harness import PortHarness
+from fake_timer import FakeTimer
 
 MiB, GiB = 1 << 20, 1 << 30
 # 2024-02-29 13:45:56 UTC, a Thursday, half-way through the second
@@ -149,29 +150,6 @@ def test_a_16_bit_out_writes_index_then_data():
 
 
 # ---- interrupts: periodic, update-ended, alarm ----------------------------------------------------
-
-
-class FakeTimer:
-    def __init__(self, callback):
-        self.callback = callback
-        self.deadline = None
-        self.closed = False
-
-    def arm(self, deadline):
-        self.deadline = deadline
-
-    def cancel(self):
-        self.deadline = None
-
-    def close(self):
-        self.closed = True
-        self.deadline = None
-
-    def fire(self):
-        self.deadline = None
-        following = self.callback()
-        if following is not None:
-            self.deadline = following
 
 
 def rtc(**kwargs):
