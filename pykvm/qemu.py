@@ -450,7 +450,9 @@ def version_text() -> str:
 
 
 def help_text() -> str:
-    lines = [f"usage: {PROG} [options]", "", "QEMU's command line for the options below; every other is refused.", ""]
+    # QEMU's first line is its version, which runners (kvm-unit-tests) parse from `-h`
+    lines = [version_text().splitlines()[0], f"usage: {PROG} [options]", "",
+             "QEMU's command line for the options below; every other is refused.", ""]
     for name, (takes, what) in OPTIONS.items():
         lines.append(f"-{name}{' ARG' if takes else ''}".ljust(22) + what)
     lines += ["", "exit status: 0 the guest powered off (or reset, with -no-reboot); odd: isa-debug-exit;",

@@ -100,6 +100,7 @@ def test_listings_answer_in_qemu_s_format():
     version = run_qemu("-version").stdout
     assert version.startswith(f"QEMU emulator version {qemu.QEMU_VERSION} (pykvm-qemu ")
     helptext = run_qemu("-help").stdout
+    assert helptext.splitlines()[0] == version.splitlines()[0]  # kvm-unit-tests reads the version from -h
     for option in qemu.OPTIONS:
         assert f"\n-{option}" in helptext
 
