@@ -316,6 +316,8 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
                 config.machine = v
             elif key == "accel":
                 config.accel = _accel(f"-machine {value}", v)
+                if config.accel == "help":
+                    config.listing = "accel"
             elif key == "pit":
                 if v not in ("on", "off"):
                     raise _fail(f"-machine {value}: pit takes on or off")
@@ -356,7 +358,8 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         if ident in config.chardevs:
             raise _fail(f"-chardev {value}: duplicate chardev id {ident!r}")
         path = opts.pop("path", None)
-        opts.pop("mux", None) if opts.get("mux") == "off" else None
+        if opts.get("mux") == "off":  # QEMU's default; mux=on (several front ends on one chardev) is not here
+            del opts["mux"]
         if opts:
             raise _fail(f"-chardev {value}: property {next(iter(opts))!r} is not one pykvm-qemu implements")
         if backend in ("stdio", "null"):
@@ -614,9 +617,6 @@ def run(config: Config) -> int:
 
     if config.kernel is None:
         raise _fail("no -kernel: pykvm-qemu has no firmware to boot a disk; give the kernel with -kernel")
-    if config.accel == "help":
-        config.listing = "accel"
-        return 0
     _check_memory(config)
     if config.cpu_vendor is not None:
         mine = _host_vendor()

@@ -95,6 +95,7 @@ def test_listings_answer_in_qemu_s_format():
     assert 'name "pci-testdev", bus PCI, desc "PCI Test Device"' in devices.stdout
     assert 'name "isa-debug-exit", bus ISA' in devices.stdout
     assert run_qemu("-accel", "help").stdout == "Accelerators supported in QEMU binary:\nkvm\n"
+    assert run_qemu("-machine", "accel=help").stdout == run_qemu("-accel", "help").stdout
     machines = run_qemu("-machine", "help").stdout
     assert machines.startswith("Supported machines are:\npc ") and "\nq35 " in machines
     version = run_qemu("-version").stdout
