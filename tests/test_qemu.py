@@ -243,3 +243,19 @@ def test_acpi_s3_sleeps_until_the_rtc_alarm_and_resumes_at_the_waking_vector(gue
     resumed = m.run(timeout=10)
     assert resumed.via == "isa-debug-exit" and resumed.exit_status == (0x21 << 1) | 1
     assert m.acpi_pm.pm1_sts & (1 << 15 | 1 << 10) == (1 << 15 | 1 << 10)  # WAK_STS and RTC_STS
+
+
+def test_first_on_path_under_qemu_s_name(tmp_path):
+    """A runner that looks up qemu-system-x86_64 on PATH finds pykvm-qemu under that name."""
+    import os
+    import shutil
+
+    script = shutil.which("pykvm-qemu", path=os.path.dirname(sys.executable)) or shutil.which("pykvm-qemu")
+    if script is None:
+        pytest.skip("the pykvm-qemu console script is not installed (pip install -e .)")
+    (tmp_path / "qemu-system-x86_64").symlink_to(script)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    found = shutil.which("qemu-system-x86_64", path=env["PATH"])
+    result = subprocess.run([found, "-device", "help"], capture_output=True, text=True, env=env, timeout=60)
+    assert found == str(tmp_path / "qemu-system-x86_64")
+    assert result.returncode == 0 and 'name "pc-testdev", bus ISA' in result.stdout
