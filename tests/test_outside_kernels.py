@@ -69,6 +69,10 @@ def module(tmp_path_factory):
 
 @needs_xen
 @pytest.mark.kvm
+@pytest.mark.skipif(os.environ.get("PYKVM_REFHOST") == "kvm_amd",
+                    reason="kvm_amd on QEMU's TCG EPYC model: Xen 4.17's init_amd reads MSR 0xC0011028, which "
+                    "KVM answers with #GP, and Xen panics (GENERAL PROTECTION FAULT) before it brings up its CPUs; "
+                    "the run is seen in README, 'Test kernels from outside'")
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_xen_boots_under_pykvm_qemu_to_its_dom0_panic_and_resets(module, cpus):
     result = subprocess.run([sys.executable, "-m", "pykvm.qemu", *xen_line(module, cpus, "kvm")],
