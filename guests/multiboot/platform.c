@@ -287,10 +287,10 @@ static void wait_for_uart_byte(u32 ioapic)
 	mmio_write(ioapic + 0x10, 0);
 	pykvm_outb(COM1 + 1, 0x01);		/* IER: received data available */
 	puts("uart: waiting for input\n");
-	__asm__ __volatile__("sti");
+	/* Interrupts stay off between the check and the HLT (STI's one-instruction shadow covers the
+	 * HLT): an interrupt taken after the check and before the HLT would leave it asleep for ever. */
 	while (uart_byte < 0)
-		__asm__ __volatile__("hlt");
-	__asm__ __volatile__("cli");
+		__asm__ __volatile__("sti; hlt; cli");
 	puts("uart: got '");
 	putc((char)uart_byte);
 	puts("' by interrupt\n");
