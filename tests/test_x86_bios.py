@@ -30,11 +30,12 @@ def test_every_vector_has_a_handler_and_the_pic_vectors_send_an_eoi():
 def test_the_pics_and_the_pit_are_left_as_seabios_leaves_them(kvm_machine):
     m = kvm_machine("real", irqchip=True)
     bios.leave_firmware_state(m.vm, m.memory)
-    master = m.vm.get_irqchip(IRQCHIP_PIC_MASTER).chip.pic
-    slave = m.vm.get_irqchip(IRQCHIP_PIC_SLAVE).chip.pic
+    chips = [m.vm.get_irqchip(IRQCHIP_PIC_MASTER), m.vm.get_irqchip(IRQCHIP_PIC_SLAVE)]  # cffi: keep the owners
+    master, slave = chips[0].chip.pic, chips[1].chip.pic
     assert (master.irq_base, master.imr, slave.irq_base, slave.imr) == (0x08, 0xF8, 0x70, 0xFF)
     assert slave.elcr == 0x0C and master.elcr == 0
-    ch0 = m.vm.get_pit2().channels[0]
+    pit = m.vm.get_pit2()
+    ch0 = pit.channels[0]
     assert (ch0.count, ch0.mode, ch0.gate) == (0x10000, 2, 1)
     assert m.memory.read(0x40E, 2) == struct.pack("<H", 0x9FC0) and m.memory.read(0x413, 2) == struct.pack("<H", 639)
     assert m.memory.read(0, 1024) == bios.ivt_and_stubs()[0]
@@ -57,4 +58,5 @@ def test_a_real_mode_guest_that_halts_with_interrupts_on_is_woken_by_the_bios_ti
     bios.leave_firmware_state(m.vm, m.memory)
     result = run_guest(m, timeout=10)
     assert result.ok
-    assert m.vm.get_irqchip(IRQCHIP_PIC_MASTER).chip.pic.isr == 0  # the stub's EOI reached the PIC
+    master = m.vm.get_irqchip(IRQCHIP_PIC_MASTER)
+    assert master.chip.pic.isr == 0  # the stub's EOI reached the PIC

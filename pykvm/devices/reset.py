@@ -127,7 +127,8 @@ class SystemControlB(Device):
         self.refresh ^= PORTB_REFRESH
         gate, out = self.gate, 0
         if self.pit is not None:
-            channel = self.pit.get_pit2().channels[2]
+            state = self.pit.get_pit2()  # kept: a cffi field view does not keep its struct alive
+            channel = state.channels[2]
             gate = channel.gate & 1
             out = pit_output(channel.mode, channel.count, self.clock_ns() - channel.count_load_time)
         return gate | (self.speaker << 1) | self.refresh | (out << 5)
