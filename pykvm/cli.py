@@ -31,6 +31,7 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+
 STATUS_EPILOG = "exit statuses of a guest run (pykvm run):\n" + "\n".join(
     f"  {code:<4} {meaning}" for code, meaning in st.MEANINGS.items()
 ) + "\n  odd  the guest wrote (status >> 1) to isa-debug-exit (1: it wrote 0)\n  1-63 the guest said DONE(status)\n"

@@ -37,7 +37,7 @@ from .devices.ioapic import PINS as IOAPIC_PINS
 from .devices.ioapic import Ioapic
 from .ioctl import KvmError, KvmUnsupportedError
 from .stats import read_stats_of
-from .report import CpuState, read_virtual, read_virtual_cstring
+from .report import CpuState, decode, read_virtual, read_virtual_cstring
 from .system import Kvm
 from .x86 import layout
 from .x86.cpuid import guest_cpuid, has_la57
@@ -372,17 +372,16 @@ class Machine:
         from .devices.fw_cfg import FwCfg
         from .devices.i8042 import I8042
         from .devices.pc_testdev import PcTestdev
-        from .devices.pci import PciHost
+        from .devices.pci import ECAM_BASE, PciHost
         from .devices.pci_testdev import PciTestDev
         from .devices.reset import SystemControlB, reset_control_reset
         from .devices.uart import Uart16550
         from .x86.acpi import build_acpi
+        from .x86.bios import leave_firmware_state
         from .x86.mptable import build_mptable
 
         if not self.irqchip or self.ioapic is not None:
             raise ValueError("QEMU's PC needs KVM's in-kernel irqchip (Machine(irqchip=True))")
-        from .x86.bios import leave_firmware_state
-
         ncpus = len(self.vcpus)
         leave_firmware_state(self.vm, self.memory, pit=self._has_pit)
         self.uart = None
@@ -392,7 +391,7 @@ class Machine:
         fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
         if cmdline:
             fw_cfg.set_cmdline(cmdline)
-        host = PciHost(self.irq, self.vm.signal_msi, reset=reset_control_reset, ecam_base=0xE0000000 if ecam else None)
+        host = PciHost(self.irq, self.vm.signal_msi, reset=reset_control_reset, ecam_base=ECAM_BASE if ecam else None)
         pm = AcpiPm(irq=self.irq(9))
         self.acpi_pm = pm
         self.woken = threading.Event()  # set when a wake event ends an ACPI S3 sleep (resume_from_s3)
@@ -423,7 +422,7 @@ class Machine:
             host.add(PciTestDev())
         host.assign_resources()
         self.acpi = build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base,
-                               ecam_buses=(host.ecam_bus_start, host.ecam_bus_end) if ecam else (0, 255))
+                               ecam_buses=(host.ecam_bus_start, host.ecam_bus_end))
         self.acpi.write(self.memory)
         build_mptable(ncpus).write(self.memory)
         self.pci = host
@@ -435,10 +434,10 @@ class Machine:
         PC). The boot CPU starts in real mode at the FACS's firmware waking vector (CS = vector >> 4,
         IP = vector & 0xF), the others wait for a SIPI again; RAM and devices keep their state."""
         from .constants import MpState
+        from .x86.acpi import FACS_WAKING_VECTOR
         from .x86.modes import setup_regs, setup_sregs
 
-        facs = struct.unpack_from("<I", self.memory.read(self.acpi.tables["FACP"] + 36, 4))[0]
-        vector = struct.unpack_from("<I", self.memory.read(facs + 12, 4))[0]
+        vector = struct.unpack_from("<I", self.memory.read(self.acpi.tables["FACS"] + FACS_WAKING_VECTOR, 4))[0]
         if not vector:
             raise UnexpectedExit("the guest woke from S3 with no firmware waking vector in the FACS",
                                  CpuState.capture(self.vcpu, self.memory))
@@ -670,20 +669,17 @@ class Machine:
 
     def complete_hint_nop(self, exit, vcpu) -> bool:
         """Where KVM's instruction emulator gave up on an instruction whose effect is trivial, do
-        it and say True: the hint NOPs (``nop r/m``, 0F 18-1F, the PREFETCH hints); while CR4.CET is off, ENDBR32/64
-        and RDSSPD/Q (which leave their register alone without CET); CLAC/STAC at CPL0 (RFLAGS.AC
-        cleared / set). kvm_pvm runs
-        guest CPL0 code through that emulator, which lacks them; Xen's and CET-built kernels use
-        them. Anything else: False, and the failure stands."""
+        it and say True: the hint NOPs (``nop r/m``, 0F 18-1F, the PREFETCH hints); while CR4.CET
+        is off, ENDBR32/64 and RDSSPD/Q (which leave their register alone without CET); CLAC/STAC
+        at CPL0 (RFLAGS.AC cleared / set). kvm_pvm runs guest CPL0 code through that emulator,
+        which lacks them; Xen's and CET-built kernels use them. Anything else: False, and the
+        failure stands."""
         if exit.suberror != InternalErrorSub.EMULATION or not exit.insn_bytes:
             return False
-        import capstone
-
         sregs = vcpu.get_sregs()
         bits = code_bits(sregs)
-        mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
         regs = vcpu.get_regs()
-        insn = next(capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(exit.insn_bytes, regs.rip), None)
+        insn = decode(exit.insn_bytes, regs.rip, bits)
         if insn is None:
             return False
         cet = sregs.cr4 >> 23 & 1
@@ -692,7 +688,7 @@ class Machine:
         elif not (insn.mnemonic == "nop" or insn.mnemonic.startswith("prefetch")
                   or (not cet and insn.mnemonic in ("endbr32", "endbr64", "rdsspd", "rdsspq"))):
             return False
-        regs.rip = (regs.rip + insn.size) & ((1 << bits) - 1 if bits < 64 else (1 << 64) - 1)
+        regs.rip = (regs.rip + insn.size) & ((1 << bits) - 1)
         vcpu.set_regs(regs)
         self.hint_nops_completed += 1
         return True

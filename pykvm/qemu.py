@@ -52,10 +52,6 @@ class UsageError(Exception):
     """A command line pykvm-qemu cannot honour; the message names the option."""
 
 
-def _fail(message: str) -> UsageError:
-    return UsageError(message)
-
-
 # ---- QEMU's option values -----------------------------------------------------------------------
 def split_opts(text: str) -> list[str]:
     """QEMU's comma list: "a,b=c,,d" -> ["a", "b=c,d"] (",," is a literal comma)."""
@@ -88,7 +84,7 @@ def parse_opts(option: str, text: str, *, implied: str | None = None) -> dict[st
             else:
                 value = "on"  # QEMU: a bare flag means key=on
         if key in result:
-            raise _fail(f"-{option} {text}: {key} given twice")
+            raise UsageError(f"-{option} {text}: {key} given twice")
         result[key] = value
     return result
 
@@ -97,7 +93,7 @@ def _number(option: str, key: str, value: str) -> int:
     try:
         return int(value, 0)
     except ValueError:
-        raise _fail(f"-{option}: {key}={value}: not a number") from None
+        raise UsageError(f"-{option}: {key}={value}: not a number") from None
 
 
 def parse_memory(text: str) -> int:
@@ -105,16 +101,16 @@ def parse_memory(text: str) -> int:
     opts = parse_opts("m", text, implied="size")
     extra = sorted(set(opts) - {"size"})
     if extra:
-        raise _fail(f"-m {text}: pykvm-qemu takes only a size (no {', '.join(extra)})")
+        raise UsageError(f"-m {text}: pykvm-qemu takes only a size (no {', '.join(extra)})")
     value = opts.get("size", "")
     units = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "b": 1}
     body, unit = (value[:-1], value[-1].lower()) if value and value[-1].isalpha() else (value, "")
     try:
         number = float(body)
     except ValueError:
-        raise _fail(f"-m {text}: not a size (examples: 256, 256M, 1G)") from None
+        raise UsageError(f"-m {text}: not a size (examples: 256, 256M, 1G)") from None
     if unit not in units or number <= 0:
-        raise _fail(f"-m {text}: not a size (examples: 256, 256M, 1G)")
+        raise UsageError(f"-m {text}: not a size (examples: 256, 256M, 1G)")
     size = int(number * units[unit])
     return (size + 0xFFF) & ~0xFFF
 
@@ -124,7 +120,7 @@ def parse_smp(text: str) -> int:
     known = {"cpus", "maxcpus", "sockets", "dies", "cores", "threads"}
     extra = sorted(set(opts) - known)
     if extra:
-        raise _fail(f"-smp {text}: unknown parameter {extra[0]}")
+        raise UsageError(f"-smp {text}: unknown parameter {extra[0]}")
     topo = [_number("smp", k, opts[k]) for k in ("sockets", "dies", "cores", "threads") if k in opts]
     cpus = _number("smp", "cpus", opts["cpus"]) if "cpus" in opts else None
     if cpus is None:
@@ -132,9 +128,9 @@ def parse_smp(text: str) -> int:
         for n in topo:
             cpus *= n
     if "maxcpus" in opts and _number("smp", "maxcpus", opts["maxcpus"]) != cpus:
-        raise _fail(f"-smp {text}: pykvm-qemu has no CPU hotplug (maxcpus must equal cpus)")
+        raise UsageError(f"-smp {text}: pykvm-qemu has no CPU hotplug (maxcpus must equal cpus)")
     if not 1 <= cpus <= MAX_CPUS:  # QEMU's wording: kvm-unit-tests reads the limit from its last word
-        raise _fail(f"-smp {text}: Invalid SMP CPUs {cpus}. The max CPUs supported by machine 'pc' is {MAX_CPUS}")
+        raise UsageError(f"-smp {text}: Invalid SMP CPUs {cpus}. The max CPUs supported by machine 'pc' is {MAX_CPUS}")
     return cpus
 
 
@@ -239,7 +235,7 @@ def _chardev_of(option: str, text: str, config: Config) -> str:
         name = f"_{option}{len(config.chardevs)}"
         config.chardevs[name] = Chardev("file", text[5:])
         return name
-    raise _fail(f"-{option} {text}: pykvm-qemu takes stdio, file:PATH, null, none or chardev:ID")
+    raise UsageError(f"-{option} {text}: pykvm-qemu takes stdio, file:PATH, null, none or chardev:ID")
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -251,28 +247,35 @@ def parse_args(argv: list[str]) -> Config:
         i += 1
         if not arg.startswith("-") or arg == "-":
             if config.kernel is None and os.path.exists(arg):
-                raise _fail(f"{arg}: a disk image to boot from: pykvm-qemu has no firmware; give the kernel with -kernel")
-            raise _fail(f"{arg}: invalid option (pykvm-qemu takes only options)")
+                raise UsageError(f"{arg}: a disk image to boot from: pykvm-qemu has no firmware; give the kernel "
+                                 "with -kernel")
+            raise UsageError(f"{arg}: invalid option (pykvm-qemu takes only options)")
         name = arg.lstrip("-")
         if name not in OPTIONS:
-            raise _fail(f"-{name}: invalid option (not one pykvm-qemu implements; see {PROG} -help)")
+            raise UsageError(f"-{name}: invalid option (not one pykvm-qemu implements; see {PROG} -help)")
         takes_value, _ = OPTIONS[name]
         value = None
         if takes_value:
             if i >= len(argv):
-                raise _fail(f"-{name}: requires an argument")
+                raise UsageError(f"-{name}: requires an argument")
             value = argv[i]
             i += 1
         _apply(config, name, value)
     if len(config.serial) > 1:
-        raise _fail("-serial given twice: pykvm-qemu has one serial port (COM1)")
+        raise UsageError("-serial given twice: pykvm-qemu has one serial port (COM1)")
     if config.wait_gdb and config.gdb is None:
-        raise _fail("-S: pykvm-qemu starts stopped only for gdb (add -s or -gdb tcp::PORT)")
+        raise UsageError("-S: pykvm-qemu starts stopped only for gdb (add -s or -gdb tcp::PORT)")
     return config
 
 
+#: options whose value ``help`` (or ``?``) asks for a listing instead
+HELP_LISTINGS = {"cpu": "cpu", "machine": "machine", "M": "machine", "accel": "accel", "device": "device"}
+
+
 def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 - one branch an option
-    if name == "kernel":
+    if name in HELP_LISTINGS and value in ("help", "?"):
+        config.listing = HELP_LISTINGS[name]
+    elif name == "kernel":
         config.kernel = value
     elif name == "initrd":
         config.initrd = value
@@ -283,15 +286,12 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
     elif name == "smp":
         config.cpus = parse_smp(value)
     elif name == "cpu":
-        if value in ("help", "?"):
-            config.listing = "cpu"
-            return
         from .x86.cpuid import FEATURE_BITS
 
         model, *flags = split_opts(value)
         if model not in ("host", "max") and model not in CPU_MODELS_AS_HOST:
-            raise _fail(f"-cpu {value}: pykvm-qemu offers the CPU KVM offers: -cpu host or max (or "
-                        f"{', '.join(CPU_MODELS_AS_HOST)}, taken as host)")
+            raise UsageError(f"-cpu {value}: pykvm-qemu offers the CPU KVM offers: -cpu host or max (or "
+                             f"{', '.join(CPU_MODELS_AS_HOST)}, taken as host)")
         config.cpu_model = model
         for flag in flags:
             if flag[:1] in "+-" and flag[1:] in FEATURE_BITS:
@@ -301,18 +301,15 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
             elif flag.startswith("vendor="):
                 config.cpu_vendor = flag[7:]
             else:
-                raise _fail(f"-cpu {value}: {flag!r} is not a CPU feature or property pykvm-qemu implements "
-                            f"(features: {', '.join(sorted(FEATURE_BITS))})")
+                raise UsageError(f"-cpu {value}: {flag!r} is not a CPU feature or property pykvm-qemu implements "
+                                 f"(features: {', '.join(sorted(FEATURE_BITS))})")
     elif name in ("machine", "M"):
-        if value in ("help", "?"):
-            config.listing = "machine"
-            return
         opts = parse_opts("machine", value, implied="type")
         for key, v in opts.items():
             if key == "type":
                 if v not in MACHINES:
-                    raise _fail(f"-machine {value}: unsupported machine type {v!r} (pykvm-qemu has "
-                                f"{', '.join(MACHINES)}; -machine help)")
+                    raise UsageError(f"-machine {value}: unsupported machine type {v!r} (pykvm-qemu has "
+                                     f"{', '.join(MACHINES)}; -machine help)")
                 config.machine = v
             elif key == "accel":
                 config.accel = _accel(f"-machine {value}", v)
@@ -320,21 +317,19 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
                     config.listing = "accel"
             elif key == "pit":
                 if v not in ("on", "off"):
-                    raise _fail(f"-machine {value}: pit takes on or off")
+                    raise UsageError(f"-machine {value}: pit takes on or off")
                 config.pit = v == "on"
             elif key in ("kernel_irqchip", "kernel-irqchip"):
                 if v not in ("on", "true"):
-                    raise _fail(f"-machine {value}: pykvm-qemu runs with KVM's in-kernel irqchip (kernel_irqchip=on)")
+                    raise UsageError(f"-machine {value}: pykvm-qemu runs with KVM's in-kernel irqchip "
+                                     "(kernel_irqchip=on)")
             else:
-                raise _fail(f"-machine {value}: property {key!r} is not one pykvm-qemu implements")
+                raise UsageError(f"-machine {value}: property {key!r} is not one pykvm-qemu implements")
     elif name == "accel":
-        if value in ("help", "?"):
-            config.listing = "accel"
-            return
         opts = parse_opts("accel", value, implied="accel")
         extra = sorted(set(opts) - {"accel"})
         if extra:
-            raise _fail(f"-accel {value}: property {extra[0]!r} is not one pykvm-qemu implements")
+            raise UsageError(f"-accel {value}: property {extra[0]!r} is not one pykvm-qemu implements")
         config.accel = _accel(f"-accel {value}", opts["accel"])
     elif name == "enable-kvm":
         config.accel = "kvm"
@@ -342,8 +337,8 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         config.defaults = False
     elif name in ("display", "vnc", "vga", "monitor"):
         if value != "none":
-            raise _fail(f"-{name} {value}: pykvm-qemu has no {'display' if name != 'monitor' else 'monitor'} "
-                        f"(only -{name} none)")
+            raise UsageError(f"-{name} {value}: pykvm-qemu has no {'display' if name != 'monitor' else 'monitor'} "
+                             f"(only -{name} none)")
     elif name == "nographic":
         config.nographic = True
     elif name == "serial":
@@ -354,29 +349,26 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         opts = parse_opts("chardev", value, implied="backend")
         backend, ident = opts.pop("backend", None), opts.pop("id", None)
         if not ident:
-            raise _fail(f"-chardev {value}: needs id=NAME")
+            raise UsageError(f"-chardev {value}: needs id=NAME")
         if ident in config.chardevs:
-            raise _fail(f"-chardev {value}: duplicate chardev id {ident!r}")
+            raise UsageError(f"-chardev {value}: duplicate chardev id {ident!r}")
         path = opts.pop("path", None)
         if opts.get("mux") == "off":  # QEMU's default; mux=on (several front ends on one chardev) is not here
             del opts["mux"]
         if opts:
-            raise _fail(f"-chardev {value}: property {next(iter(opts))!r} is not one pykvm-qemu implements")
+            raise UsageError(f"-chardev {value}: property {next(iter(opts))!r} is not one pykvm-qemu implements")
         if backend in ("stdio", "null"):
             config.chardevs[ident] = Chardev(backend)
         elif backend == "file" and path:
             config.chardevs[ident] = Chardev("file", path)
         else:
-            raise _fail(f"-chardev {value}: pykvm-qemu has the stdio, null and file (path=) backends")
+            raise UsageError(f"-chardev {value}: pykvm-qemu has the stdio, null and file (path=) backends")
     elif name == "device":
-        if value in ("help", "?"):
-            config.listing = "device"
-            return
-        dev, *rest = split_opts(value)
+        props = parse_opts("device", value, implied="driver")
+        dev = props.pop("driver")
         if dev not in DEVICE_NAMES:
-            raise _fail(f"-device {value}: '{dev}' is not a valid device model name (pykvm-qemu has "
-                        f"{', '.join(DEVICE_NAMES)}; -device help)")
-        props = parse_opts("device", ",".join(p.replace(",", ",,") for p in rest))
+            raise UsageError(f"-device {value}: '{dev}' is not a valid device model name (pykvm-qemu has "
+                             f"{', '.join(DEVICE_NAMES)}; -device help)")
         _check_device(value, dev, props, config)
         config.devices.append(DeviceSpec(dev, props))
     elif name == "global":
@@ -385,7 +377,7 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         elif value == "kvm-pit.lost_tick_policy=delay":
             config.pit_reinject = True
         else:
-            raise _fail(f"-global {value}: pykvm-qemu implements only kvm-pit.lost_tick_policy=discard|delay")
+            raise UsageError(f"-global {value}: pykvm-qemu implements only kvm-pit.lost_tick_policy=discard|delay")
     elif name == "no-reboot":
         config.no_reboot = True
     elif name == "s":
@@ -394,10 +386,10 @@ def _apply(config: Config, name: str, value: str | None) -> None:  # noqa: C901 
         config.wait_gdb = True
     elif name == "gdb":
         if not value.startswith("tcp:"):
-            raise _fail(f"-gdb {value}: pykvm-qemu serves gdb on TCP only (tcp::PORT or tcp:HOST:PORT)")
+            raise UsageError(f"-gdb {value}: pykvm-qemu serves gdb on TCP only (tcp::PORT or tcp:HOST:PORT)")
         host, _, port = value[4:].rpartition(":")
         if not port.isdigit():
-            raise _fail(f"-gdb {value}: not tcp::PORT or tcp:HOST:PORT")
+            raise UsageError(f"-gdb {value}: not tcp::PORT or tcp:HOST:PORT")
         config.gdb = f"{host or '127.0.0.1'}:{port}"
     elif name == "name":
         config.name = parse_opts("name", value, implied="guest").get("guest")
@@ -412,7 +404,7 @@ def _accel(where: str, value: str) -> str:
         return "help"
     choices = value.split(":")
     if "kvm" not in choices:
-        raise _fail(f"{where}: pykvm-qemu runs guests under KVM only (accel=kvm), not {value}")
+        raise UsageError(f"{where}: pykvm-qemu runs guests under KVM only (accel=kvm), not {value}")
     return "kvm"
 
 
@@ -427,16 +419,16 @@ _DEVICE_PROPS = {
 def _check_device(value: str, dev: str, props: dict[str, str], config: Config) -> None:
     extra = sorted(set(props) - _DEVICE_PROPS[dev])
     if extra:
-        raise _fail(f"-device {value}: property '{dev}.{extra[0]}' is not one pykvm-qemu implements")
+        raise UsageError(f"-device {value}: property '{dev}.{extra[0]}' is not one pykvm-qemu implements")
     for key in ("iobase", "iosize"):
         if key in props:
             n = _number("device", key, props[key])
             if not 0 <= n <= 0xFFFF:
-                raise _fail(f"-device {value}: {key} {props[key]} is not a port (0-0xffff)")
+                raise UsageError(f"-device {value}: {key} {props[key]} is not a port (0-0xffff)")
     if dev == "isa-debugcon" and props.get("chardev") not in config.chardevs:
-        raise _fail(f"-device {value}: needs chardev=ID of a -chardev given before it")
+        raise UsageError(f"-device {value}: needs chardev=ID of a -chardev given before it")
     if dev == "pci-testdev" and props.get("bus", "pci.0") not in ("pci.0", "pcie.0"):
-        raise _fail(f"-device {value}: pykvm-qemu has one PCI bus, pci.0")
+        raise UsageError(f"-device {value}: pykvm-qemu has one PCI bus, pci.0")
 
 
 # ---- listings, in QEMU's formats ------------------------------------------------------------------
@@ -521,13 +513,13 @@ def _check_memory(config: Config) -> None:
     from .x86 import layout
 
     if config.mem < layout.MIN_MEM_SIZE:
-        raise _fail(f"-m {config.mem >> 20}M: pykvm-qemu needs at least {layout.MIN_MEM_SIZE >> 20} MiB")
+        raise UsageError(f"-m {config.mem >> 20}M: pykvm-qemu needs at least {layout.MIN_MEM_SIZE >> 20} MiB")
     if config.mem > layout.MMIO_WINDOW:
-        raise _fail(f"-m {config.mem >> 20}M: pykvm-qemu puts all RAM below {layout.MMIO_WINDOW >> 20} MiB "
-                    "(the PCI window); no RAM above 4 GiB yet")
+        raise UsageError(f"-m {config.mem >> 20}M: pykvm-qemu puts all RAM below {layout.MMIO_WINDOW >> 20} MiB "
+                         "(the PCI window); no RAM above 4 GiB yet")
     available = psutil.virtual_memory().total
     if config.mem > available:
-        raise _fail(f"-m {config.mem >> 20}M: more than this host's {available >> 20} MiB of RAM")
+        raise UsageError(f"-m {config.mem >> 20}M: more than this host's {available >> 20} MiB of RAM")
 
 
 def _serial_stream(config: Config, opened: list):
@@ -599,14 +591,12 @@ def _terminate(signum, frame):
 
 
 def _host_vendor() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    """The CPU vendor string the guest sees (the host's CPUID leaf 0, as KVM passes it on)."""
+    from .probe.cpuid import vendor
+    from .probe.hostcpu import host_cpuid
+
+    table = host_cpuid()[0]
+    return vendor(table) if table is not None else None
 
 
 def run(config: Config) -> int:
@@ -616,22 +606,24 @@ def run(config: Config) -> int:
     from .machine import GuestError, GuestInterrupted
 
     if config.kernel is None:
-        raise _fail("no -kernel: pykvm-qemu has no firmware to boot a disk; give the kernel with -kernel")
+        raise UsageError("no -kernel: pykvm-qemu has no firmware to boot a disk; give the kernel with -kernel")
     _check_memory(config)
     if config.cpu_vendor is not None:
         mine = _host_vendor()
         if config.cpu_vendor != mine:
-            raise _fail(f"-cpu vendor={config.cpu_vendor}: this host's CPU is {mine}; pykvm-qemu cannot change the vendor")
+            raise UsageError(f"-cpu vendor={config.cpu_vendor}: this host's CPU is {mine}; pykvm-qemu cannot "
+                             "change the vendor")
     try:
         kernel = read_image(config.kernel, config.mem)
     except ImageError as e:  # QEMU's words: runners check a command line with a kernel that is not there
-        raise _fail(f"could not load kernel '{config.kernel}': {e}") from None
+        raise UsageError(f"could not load kernel '{config.kernel}': {e}") from None
     kind = detect_image(kernel, name=config.kernel)
     if kind == "flat":
-        hint = " (a Linux bzImage: the Linux boot protocol is not implemented yet)" if kernel[0x202:0x206] == b"HdrS" else ""
-        raise _fail(f"-kernel {config.kernel}: not a multiboot or ELF kernel{hint}")
+        bzimage = kernel[0x202:0x206] == b"HdrS"
+        hint = " (a Linux bzImage: the Linux boot protocol is not implemented yet)" if bzimage else ""
+        raise UsageError(f"-kernel {config.kernel}: not a multiboot or ELF kernel{hint}")
     if config.initrd and kind != "multiboot":
-        raise _fail(f"-initrd {config.initrd}: modules need a multiboot kernel; {config.kernel} is {kind}")
+        raise UsageError(f"-initrd {config.initrd}: modules need a multiboot kernel; {config.kernel} is {kind}")
     modules = _modules(config)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)

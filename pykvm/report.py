@@ -37,16 +37,21 @@ def read_virtual_cstring(vcpu, memory, gva: int, limit: int = 4096) -> bytes:
     return data.split(b"\0", 1)[0]
 
 
-def disassemble(code: bytes, address: int, bits: int) -> str:
-    """The first instruction of ``code`` as text, or '' where capstone cannot decode it."""
+def decode(code: bytes, address: int, bits: int):
+    """The first instruction of ``code`` (a capstone instruction: mnemonic, op_str, size), or None
+    where capstone cannot decode it or is not installed."""
     try:
         import capstone
     except ImportError:  # capstone is a dependency; an install without it still reports bytes
-        return ""
+        return None
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
-    for insn in capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(code, address):
-        return f"{insn.mnemonic} {insn.op_str}".strip()
-    return ""
+    return next(capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(code, address), None)
+
+
+def disassemble(code: bytes, address: int, bits: int) -> str:
+    """The first instruction of ``code`` as text, or '' where capstone cannot decode it."""
+    insn = decode(code, address, bits)
+    return f"{insn.mnemonic} {insn.op_str}".strip() if insn else ""
 
 
 RESET_RIP, RESET_CS = 0xFFF0, (0xF000, 0xFFFF0000)  # where an x86 CPU starts after RESET or INIT

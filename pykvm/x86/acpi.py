@@ -227,6 +227,9 @@ def pc_fadt(dsdt_gpa: int, facs_gpa: int, *, ncpus: int = 1, pm_base: int = PM_B
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
+FACS_WAKING_VECTOR = 12  # FIRMWARE_WAKING_VECTOR's offset in the FACS (ACPI 6.5, 5.2.10)
+
+
 def facs() -> bytes:
     """The 64-byte Firmware ACPI Control Structure (no header checksum: it has none)."""
     return struct.pack("<4sIIIIIQB3xI24x", b"FACS", FACS_LENGTH, 0, 0, 0, 0, 0, FACS_VERSION, 0)
