@@ -69,14 +69,15 @@ def module(tmp_path_factory):
 
 @needs_xen
 @pytest.mark.kvm
-@pytest.mark.skipif(os.environ.get("PYKVM_REFHOST") == "kvm_amd",
-                    reason="kvm_amd on QEMU's TCG EPYC model: Xen 4.17's init_amd reads MSR 0xC0011028, which "
-                    "KVM answers with #GP, and Xen panics (GENERAL PROTECTION FAULT) before it brings up its CPUs; "
-                    "the run is seen in README, 'Test kernels from outside'")
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_xen_boots_under_pykvm_qemu_to_its_dom0_panic_and_resets(module, cpus):
+def test_xen_boots_under_pykvm_qemu_to_its_dom0_panic_and_resets(module, cpus, kvm_backend):
     result = subprocess.run([sys.executable, "-m", "pykvm.qemu", *xen_line(module, cpus, "kvm")],
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    if re.search(r"GENERAL PROTECTION FAULT", result.stdout) and "init_amd" in result.stdout:
+        # Seen with kvm_amd on QEMU's TCG EPYC model (make test-amd): Xen 4.17's init_amd reads MSR
+        # 0xC0011028, which that KVM answers with #GP; an AMD host's KVM may do the same.
+        pytest.skip(f"{kvm_backend} answers an RDMSR in Xen's init_amd with #GP and Xen panics before it "
+                    "brings up its CPUs (README, 'Test kernels from outside')")
     found = milestones(result.stdout)
     missing = [p for p in XEN_MILESTONES if p not in found]
     assert not missing, f"first missing: {missing[0]}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
