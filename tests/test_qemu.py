@@ -235,7 +235,8 @@ def test_acpi_s3_sleeps_until_the_rtc_alarm_and_resumes_at_the_waking_vector(gue
     m.memory.write(facs + 12, struct.pack("<I", 0x1010))  # CS:IP = 0x101:0
     m.memory.write(0x1010, bytes.fromhex("b82100" "baf400" "ef" "f4"))  # mov ax,0x21; mov dx,0xf4; out dx,ax; hlt
     outcome = m.run(timeout=10)
-    assert isinstance(outcome, Suspend) and m.acpi_pm.sleep_state == 3
+    # (the alarm may already have woken the machine by now: it rings every second)
+    assert isinstance(outcome, Suspend) and outcome.state == 3
     assert m.woken.wait(5), "the RTC alarm did not wake the machine"
     m.resume_from_s3()
     sregs = m.vcpu.get_sregs()
