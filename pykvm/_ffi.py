@@ -9,7 +9,7 @@ from importlib import resources
 
 from cffi import FFI
 
-CDEF_FILES = ("kvm.h", "libc.h")
+CDEF_FILES = ("kvm.h", "libc.h", "net.h")
 
 
 def _cdef_text(name: str) -> str:
