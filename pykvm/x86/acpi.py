@@ -242,11 +242,57 @@ def _aml_sleep_package(name: bytes, slp_typ: int) -> bytes:
     return b"\x08" + name + b"\x12" + bytes([2 + len(elements), 4]) + elements
 
 
-def dsdt(*, sleep_states: bool = False) -> bytes:
-    """A DSDT (revision 2: 64-bit AML integers): empty, or with the \\_S3 and \\_S5 packages."""
+def _pkg_length(body_length: int) -> bytes:
+    """AML PkgLength of a package whose body (after the PkgLength) is ``body_length`` bytes; the
+    encoded length counts the PkgLength bytes themselves (ACPI 6.5, 20.2.4)."""
+    if body_length + 1 < 0x40:
+        return bytes([body_length + 1])
+    for extra in (1, 2, 3):
+        total = body_length + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (total & 0xF)]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"an AML package of {body_length} bytes is too large")
+
+
+def _aml_integer(value: int) -> bytes:
+    if value in (0, 1):
+        return bytes([value])  # ZeroOp, OneOp
+    for prefix, size in ((0x0A, 1), (0x0B, 2), (0x0C, 4), (0x0E, 8)):
+        if value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise ValueError(f"{value:#x} does not fit an AML integer")
+
+
+def _aml_name(name: bytes, value: bytes) -> bytes:
+    return b"\x08" + name + value  # NameOp NameSeg DataRefObject
+
+
+def virtio_mmio_device(index: int, gpa: int, size: int, irq: int) -> bytes:
+    """``Device (VRnn)`` for a virtio-mmio transport, as Linux's virtio_mmio driver matches it by
+    ACPI (_HID "LNRO0005"): its registers (Memory32Fixed) and its interrupt (edge, active high:
+    pykvm raises it through an irqfd, one edge per notification)."""
+    if not 0 <= index <= 0xFF:
+        raise ValueError(f"virtio-mmio device index {index} is out of range (0-255)")
+    resources = (b"\x86\x09\x00\x01" + struct.pack("<II", gpa, size)  # Memory32Fixed (ReadWrite, ...)
+                 + b"\x89\x06\x00\x03\x01" + struct.pack("<I", irq)  # Interrupt (Consumer, Edge, ActiveHigh, Exclusive)
+                 + b"\x79\x00")  # EndTag
+    buffer = _aml_integer(len(resources)) + resources
+    crs = b"\x11" + _pkg_length(len(buffer)) + buffer  # BufferOp
+    body = (b"VR%02X" % index + _aml_name(b"_HID", b"\x0dLNRO0005\x00") + _aml_name(b"_UID", _aml_integer(index))
+            + _aml_name(b"_CCA", b"\x01") + _aml_name(b"_CRS", crs))
+    return b"\x5b\x82" + _pkg_length(len(body)) + body  # DeviceOp
+
+
+def dsdt(*, sleep_states: bool = False, virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> bytes:
+    """A DSDT (revision 2: 64-bit AML integers): empty, or with the \\_S3 and \\_S5 packages, and
+    a ``\\_SB.VRnn`` device for each virtio-mmio transport (gpa, size, irq)."""
     aml = b""
     if sleep_states:
         aml = _aml_sleep_package(b"_S3_", SLP_TYP_S3) + _aml_sleep_package(b"_S5_", SLP_TYP_S5)
+    if virtio_mmio:
+        devices = b"".join(virtio_mmio_device(i, *t) for i, t in enumerate(virtio_mmio))
+        body = b"\\_SB_" + devices
+        aml += b"\x10" + _pkg_length(len(body)) + body  # ScopeOp
     return sdt(b"DSDT", 2, aml)
 
 
@@ -302,12 +348,14 @@ def build_acpi(
     sci_irq: int = SCI_IRQ,
     ecam_base: int | None = None,
     ecam_buses: tuple[int, int] = (0, 255),
+    virtio_mmio: tuple[tuple[int, int, int], ...] = (),
 ) -> AcpiTables:
     """Lay the tables for ``ncpus`` CPUs and one I/O APIC out from ``base_gpa`` (RSDP first).
 
     ``platform``: "reduced" (the default: hardware-reduced FADT, empty DSDT) or "pc" (FADT with
     the PM1a / PM timer / GPE0 blocks at ``pm_base`` / ``gpe0_base`` and SCI ``sci_irq``, a FACS,
-    a DSDT with \\_S3 / \\_S5, level overrides in the MADT). ``ecam_base`` adds an MCFG.
+    a DSDT with \\_S3 / \\_S5, level overrides in the MADT). ``ecam_base`` adds an MCFG,
+    ``virtio_mmio`` ((gpa, size, irq) each) virtio-mmio devices to the DSDT.
     Every table lies below ``limit_gpa`` (default: the end of the BIOS area), or ValueError.
     """
     if platform not in PLATFORMS:
@@ -323,7 +371,7 @@ def build_acpi(
 
     madt_blob = madt(ncpus, ioapic_id, ioapic_gpa=ioapic_gpa, lapic_gpa=lapic_gpa, irq0_override=irq0_override,
                      level_irqs=PCI_LEVEL_IRQS if pc else ())
-    dsdt_blob = dsdt(sleep_states=pc)
+    dsdt_blob = dsdt(sleep_states=pc, virtio_mmio=tuple(virtio_mmio))
     mcfg_blob = mcfg(ecam_base, *ecam_buses) if ecam_base is not None else None
     listed = ["FACP", "APIC"] + (["MCFG"] if mcfg_blob else [])
     at = {"RSDP": base_gpa}
