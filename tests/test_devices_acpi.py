@@ -309,3 +309,51 @@ def test_acpiexec_evaluates_the_sleep_packages(pc_tables, tmp_path):
         assert "error" not in output.lower() and "warning" not in output.lower(), output
         package = output.split(f"Evaluation of \\{state} returned object")[1]
         assert package.count(f"[Integer] = {typ}") >= 2 and "Contains 4 Elements" in package, output
+
+
+# ---- virtio-mmio devices in the DSDT (what Linux's virtio_mmio driver matches: LNRO0005) -------
+
+VIRTIO = ((0xD0000000, 0x1000, 5), (0xD0001000, 0x1000, 6), (0xD0002000, 0x1000, 7))
+
+
+@needs_iasl
+def test_iasl_reads_virtio_mmio_devices(tmp_path):
+    tables = build_acpi(1, platform="pc", virtio_mmio=VIRTIO)
+    dsl = iasl_disassemble(tables.table("DSDT"), tmp_path / "dsdt.dat")
+    assert dsl.count('Name (_HID, "LNRO0005")') == 3
+    for index, (gpa, size, irq) in enumerate(VIRTIO):
+        device = dsl.split(f"Device (VR{index:02X})")[1].split("Device (")[0]
+        assert f"0x{gpa:08X},         // Address Base" in device
+        assert f"0x{size:08X},         // Address Length" in device
+        assert "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive" in device
+        assert f"0x{irq:08X}," in device
+
+
+@needs_acpiexec
+def test_acpiexec_evaluates_a_virtio_device_resources(tmp_path):
+    tables = build_acpi(1, platform="pc", virtio_mmio=VIRTIO)
+    paths = []
+    for name in ("FACP", "DSDT", "APIC", "FACS"):
+        path = tmp_path / f"{name.lower()}.dat"
+        path.write_bytes(tables.table(name))
+        paths.append(str(path))
+    run = subprocess.run(["acpiexec", "-b", "evaluate \\_SB.VR02._CRS", *paths], capture_output=True, text=True,
+                         timeout=60, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "error" not in output.lower(), output
+    dump = output.split("_CRS returned object")[1]
+    data = bytes.fromhex("".join(line.split(":", 1)[1].split("//")[0] for line in dump.splitlines()
+                                 if line.strip()[:4].isalnum() and line.strip()[4:5] == ":"))
+    assert data == (bytes.fromhex("86 09 00 01 00 20 00 D0 00 10 00 00")  # Memory32Fixed (RW) at 0xD0002000
+                    + bytes.fromhex("89 06 00 03 01 07 00 00 00")  # Interrupt (consumer, edge), IRQ 7
+                    + b"\x79\x00"), output
+
+
+def test_a_large_dsdt_uses_multi_byte_package_lengths():
+    from pykvm.x86.acpi import _pkg_length
+
+    assert _pkg_length(0x3E) == b"\x3f"
+    assert _pkg_length(0x3F) == bytes([0x40 | 0x01, 0x04])  # 0x41 total: low nibble 1, then 0x04
+    assert _pkg_length(0x1000) == bytes([0x80 | 0x03, 0x00, 0x01])  # 0x1003 total, 2 extra bytes
+    tables = build_acpi(1, platform="pc", virtio_mmio=tuple((0xD0000000 + i * 0x1000, 0x1000, 5) for i in range(8)))
+    assert tables.table("DSDT").count(b"LNRO0005") == 8
