@@ -7,6 +7,7 @@ they skip with that reason where it is missing.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import struct
 import subprocess
@@ -342,8 +343,7 @@ def test_acpiexec_evaluates_a_virtio_device_resources(tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 0 and "error" not in output.lower(), output
     dump = output.split("_CRS returned object")[1]
-    data = bytes.fromhex("".join(line.split(":", 1)[1].split("//")[0] for line in dump.splitlines()
-                                 if line.strip()[:4].isalnum() and line.strip()[4:5] == ":"))
+    data = bytes.fromhex("".join(m.group(1) for m in re.finditer(r"^\s*[0-9A-F]{4}: ([0-9A-F ]+?)\s*//", dump, re.M)))
     assert data == (bytes.fromhex("86 09 00 01 00 20 00 D0 00 10 00 00")  # Memory32Fixed (RW) at 0xD0002000
                     + bytes.fromhex("89 06 00 03 01 07 00 00 00")  # Interrupt (consumer, edge), IRQ 7
                     + b"\x79\x00"), output
