@@ -181,6 +181,7 @@ class Machine:
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vcpus: list = []
+        self.virtio: list = []  # virtio-mmio transports (add_virtio), in slot order
         try:
             self.vm = self.kvm.create_vm()
             self.ram = self.vm.add_memory(0, mem_size)
@@ -243,6 +244,8 @@ class Machine:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
+        for transport in getattr(self, "virtio", ()):
+            transport.close()  # stops its worker and takes its eventfds back while the VM is still open
         for device in getattr(self, "_devices", ()):
             closer = getattr(device, "close", None)
             if closer is not None:
@@ -457,6 +460,31 @@ class Machine:
         machine closes it (if it has ``close``) when it closes."""
         device.attach(self.bus)
         self._devices.append(device)
+
+    def add_virtio(self, device):
+        """Put a virtio backend (:mod:`pykvm.virtio`) on the machine behind a virtio-mmio transport at
+        the next slot (``layout.VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE``, GSI ``layout.VIRTIO_IRQS[i]``),
+        its queue notifications on KVM ioeventfds and its interrupt on an irqfd. Returns the
+        :class:`~pykvm.virtio.mmio.VirtioMmio` (its ``cmdline_arg`` tells a guest where it is); the
+        machine closes it. Needs KVM's in-kernel irqchip."""
+        from .virtio.mmio import VirtioMmio
+
+        if self.irqchip is not True:
+            raise ValueError("virtio devices need KVM's in-kernel irqchip (Machine(irqchip=True)): their "
+                             "interrupts go through an irqfd" + (", which the split irqchip's Python IOAPIC "
+                                                                 "does not see" if self.irqchip else ""))
+        slot = len(self.virtio)
+        if slot >= len(layout.VIRTIO_IRQS):
+            raise ValueError(f"no free virtio-mmio slot: a machine has {len(layout.VIRTIO_IRQS)}")
+        transport = VirtioMmio(device, self.memory, layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE,
+                               layout.VIRTIO_IRQS[slot], vm=self.vm)
+        try:
+            transport.attach(self.bus)
+        except BaseException:
+            transport.close()
+            raise
+        self.virtio.append(transport)
+        return transport
 
     def irq(self, gsi: int) -> Callable[[int], None]:
         """A function that sets interrupt line ``gsi`` (1 raised, 0 lowered) on the irqchip: KVM's

@@ -33,6 +33,9 @@ IDENTITY_MAP_SIZE = 4 * GiB  # paged modes identity-map the first 4 GiB (RAM and
 TEST_ROM = 0x400000  # guests/memory.S reads a read-only slot the host maps here (one page)
 TEST_RAM2 = 0x800000  # guests/memory.S writes a second RAM slot the host maps here (one page)
 MMIO_WINDOW = 0xD0000000  # a window no memory slot covers: guest accesses there exit as MMIO
+VIRTIO_MMIO_BASE = 0xD0000000  # virtio-mmio transport i (Machine.add_virtio) at BASE + i * SIZE, in the MMIO window
+VIRTIO_MMIO_SIZE = 0x1000  # one register window (registers, then the device's config space at +0x100)
+VIRTIO_IRQS = (5, 6, 7, 10, 11, 12, 14, 15)  # the GSI (ISA IRQ, edge, active high) of transport i, given out in order
 DEFAULT_MEM_SIZE = 4 * MiB
 MIN_MEM_SIZE = 1 * MiB  # the system area and STACK_TOP live in the first MiB
 
