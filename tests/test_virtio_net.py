@@ -399,3 +399,40 @@ def test_bad_mac_addresses_are_refused():
                          ("00:00:00:00:00:00", "not a station address"), (b"\x52\x54", "6 bytes")):
         with pytest.raises(VirtioError, match=message):
             VirtioNet(TAP, mac=mac)  # refused before any TAP is made
+
+
+# ---- a guest: the virtio test kernel's driver ARPs for the host across the TAP --------------------------------
+
+MEM = 32 << 20
+
+
+def _guest_arps_for_the_host():
+    from pykvm.images import built
+    from pykvm.machine import Machine
+    from pykvm.virtio.net import RX_FRAMES, TX_FRAMES, VirtioNet
+
+    path = built("virtio_driver.elf", what="the virtio test kernel")
+    with Machine(MEM, irqchip=True) as m:
+        t = m.add_virtio(VirtioNet(TAP, mac=GUEST_MAC))
+        bring_up()  # 10.0.2.2/24 on the TAP: this namespace's kernel answers ARP for it
+        m.load_kernel(path.read_bytes(), path=str(path), cmdline=f"{t.cmdline_arg} net={HOST_IP}/{GUEST_IP}")
+        outcome = m.run(timeout=120)
+        neigh = subprocess.run(["ip", "neigh", "show", GUEST_IP, "dev", TAP], capture_output=True, text=True).stdout
+        tap_mac = Path(f"/sys/class/net/{TAP}/address").read_text().strip()
+        return (outcome.status, m.console_output.decode("utf-8", "replace"), dict(t.stats), t.error,
+                dict(t.device.stats), neigh.strip(), tap_mac)
+
+
+@needs_netns
+@pytest.mark.kvm
+def test_guest_driver_gets_an_arp_reply_from_the_host_through_the_tap():
+    status, console, stats, error, net_stats, neigh, tap_mac = in_netns(_guest_arps_for_the_host, timeout=180)
+    assert status == 0 and "FAIL" not in console, console
+    assert f"net: mac {GUEST_MAC}, link up" in console, console
+    replies = [line for line in console.splitlines() if line.startswith("net: arp reply from ")]
+    assert replies and replies[0].split()[4] == tap_mac, (tap_mac, console)  # answered by the host's end
+    # the host kernel learnt the guest's address from the request it answered
+    assert GUEST_MAC in neigh, neigh
+    assert net_stats["tx frames"] >= 1 and net_stats["rx frames"] >= 1, net_stats
+    assert stats["notifies (ioeventfd)"] >= 1 and stats.get("notifies (trapped)", 0) == 0, stats
+    assert stats["interrupts (irqfd)"] >= 1 and error is None, (stats, error)
