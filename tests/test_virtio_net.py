@@ -418,7 +418,9 @@ def _guest_arps_for_the_host():
         m.load_kernel(path.read_bytes(), path=str(path), cmdline=f"{t.cmdline_arg} net={HOST_IP}/{GUEST_IP}")
         outcome = m.run(timeout=120)
         neigh = subprocess.run(["ip", "neigh", "show", GUEST_IP, "dev", TAP], capture_output=True, text=True).stdout
-        tap_mac = Path(f"/sys/class/net/{TAP}/address").read_text().strip()
+        # (not /sys/class/net: sysfs stays the one of the namespace that mounted it)
+        tap_mac = subprocess.run(["ip", "-br", "link", "show", "dev", TAP], capture_output=True,
+                                 text=True).stdout.split()[2]
         return (outcome.status, m.console_output.decode("utf-8", "replace"), dict(t.stats), t.error,
                 dict(t.device.stats), neigh.strip(), tap_mac)
 
