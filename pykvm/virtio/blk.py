@@ -109,15 +109,16 @@ class VirtioBlk(VirtioDevice):
         if st.st_size % SECTOR:
             raise VirtioError(f"disk image {self.path}: its size ({st.st_size} bytes) is not a multiple of "
                               f"{SECTOR} bytes")
+        ask_ro = (f"disk image {self.path} is read-only ({{}}); ask for it read-only "
+                  f"(readonly=True, --disk {self.path},ro)")
+        if not readonly and not st.st_mode & 0o222:  # marked read-only: even root is not to write it
+            raise VirtioError(ask_ro.format(f"mode {stat.S_IMODE(st.st_mode):04o}"))
         try:
             self._fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except PermissionError:
-            if readonly:
-                raise VirtioError(f"disk image {self.path}: cannot be read (permission denied)") from None
-            raise VirtioError(f"disk image {self.path} is read-only (permission denied for writing); "
-                              f"ask for it read-only (readonly=True, --disk {self.path},ro)") from None
         except OSError as e:
-            raise VirtioError(f"disk image {self.path}: {e.strerror}") from None
+            if readonly or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise VirtioError(f"disk image {self.path}: {e.strerror}") from None
+            raise VirtioError(ask_ro.format(e.strerror.lower())) from None
         self.capacity = st.st_size // SECTOR  # sectors, fixed for the device's life
         self.serial = (serial if serial is not None else os.path.basename(self.path)).encode()[:ID_BYTES]
         self.discard = not readonly and self._can_punch_holes(st.st_size)
