@@ -330,6 +330,8 @@ def test_initrd_that_does_not_fit():
         load_linux(memory(), fake_bzimage(), name="k", initrd=bytes(64 * MiB))
     with pytest.raises(LinuxBootError, match=r"initrd_addr_max \(0x1fffff\)"):
         load_linux(memory(), fake_bzimage(initrd_addr_max=0x1FFFFF), name="k", initrd=bytes(2 * MiB))
+    with pytest.raises(LinuxBootError, match=r"and the end of RAM; use --mem$"):  # XLF_CAN_BE_LOADED_ABOVE_4G
+        load_linux(memory(), fake_bzimage(xloadflags=3, initrd_addr_max=0x1FFFFF), name="k", initrd=bytes(64 * MiB))
 
 
 def test_initrd_goes_high_below_initrd_addr_max():

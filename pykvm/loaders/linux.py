@@ -799,7 +799,7 @@ class LinuxBoot:
 
 
 def _place_initrd(size: int, *, low: int, limit: int, e820: Sequence[E820Entry], name: str, mem_size: int,
-                  max_addr: int) -> int:
+                  bound: str) -> int:
     """The highest page-aligned gpa in RAM where [gpa, gpa + size) lies in [low, limit)."""
     for e in sorted((e for e in e820 if e.type == E820_RAM), key=lambda e: -e.end):
         top = min(e.end, limit)
@@ -808,7 +808,7 @@ def _place_initrd(size: int, *, low: int, limit: int, e820: Sequence[E820Entry],
             return gpa
     raise LinuxBootError(
         f"{name}: the initrd ({format_size(size)}) does not fit in {format_size(mem_size)} of guest RAM "
-        f"between the kernel's end ({low:#x}) and initrd_addr_max ({max_addr:#x}); use --mem"
+        f"between the kernel's end ({low:#x}) and {bound}; use --mem"
     )
 
 
@@ -934,11 +934,14 @@ def load_linux(
     if initrd is not None:
         initrd = bytes(initrd)
         max_addr = header.initrd_addr_max if header is not None and header.initrd_addr_max else DEFAULT_INITRD_ADDR_MAX
-        if header is not None and header.can_be_loaded_above_4g:
-            max_addr = (1 << 64) - 1
+        bound = f"initrd_addr_max ({max_addr:#x})"
+        if header is not None and header.can_be_loaded_above_4g or mode == "pvh":
+            # As QEMU: a kernel that can be loaded above 4 GiB takes its initrd anywhere (its
+            # initrd_addr_max of 2 GiB works around old boot loaders); PVH has no such limit.
+            max_addr, bound = (1 << 64) - 1, "the end of RAM"
         gpa = _place_initrd(max(len(initrd), 1), low=_align_up(kernel_range.end, layout.PAGE_SIZE),
                             limit=min(max_addr + 1, mem_size), e820=e820, name=name, mem_size=mem_size,
-                            max_addr=max_addr)
+                            bound=bound)
         initrd_range = Range(gpa, gpa + len(initrd), "the initrd")
     if rsdp is not None and header is not None and header.version < 0x020E and mode != "pvh":
         warnings.append(f"{name}: boot protocol {header.protocol} has no acpi_rsdp_addr (2.14+); the kernel "
