@@ -291,7 +291,8 @@ def _read_header(data: bytes, version: int | None = None) -> SetupHeader:
         ok = version >= since and offset + struct.calcsize(fmt) <= len(data)
         values[field] = struct.unpack_from("<" + fmt, data, offset)[0] if ok else 0
     hdr = SetupHeader(**values)
-    return dataclasses.replace(hdr, raw=bytes(data[SETUP_HEADER : min(hdr.header_end, SETUP_HEADER_MAX_END, len(data))]))
+    end = min(hdr.header_end, SETUP_HEADER_MAX_END, len(data))
+    return dataclasses.replace(hdr, raw=bytes(data[SETUP_HEADER:end]))
 
 
 def parse_bzimage(data: bytes, name: str = "image") -> SetupHeader:
@@ -889,7 +890,7 @@ def load_linux(
         need = max(pm_size, header.init_size)
         kernel_range = Range(load, load + need, "the kernel")
         entry_gpa = load + ENTRY64_OFFSET
-        segments = [(load, data[header.setup_size :])]
+        segments = [(load, memoryview(data)[header.setup_size :], pm_size)]  # (gpa, file bytes, memsz)
     else:
         pvh = vmlinux.pvh_entry
         if entry == "pvh" and pvh is None:
@@ -960,11 +961,10 @@ def load_linux(
                                 code32_start=kernel_range.start)
 
     # Every check passed: write.
-    for seg in segments:
-        gpa, content = seg[0], seg[1]
-        memory.write(gpa, bytes(content))
-        if len(seg) == 3 and seg[2] > len(content):
-            memory.view(gpa + len(content), seg[2] - len(content))[:] = bytes(seg[2] - len(content))
+    for gpa, content, memsz in segments:
+        view = memory.view(gpa, memsz)
+        view[: len(content)] = content
+        view[len(content) :] = bytes(memsz - len(content))  # a vmlinux's bss
     if initrd_range is not None:
         memory.write(initrd_range.start, initrd)
     memory.write(CMDLINE, encoded + b"\0")
