@@ -487,8 +487,11 @@ int vq_get_used(struct vq *q, u32 *len)
 	return (int)e.id;
 }
 
-/* Every other wait polls the used idx first; the others (and a poll that found nothing) sleep
- * until an interrupt (the device's, or the tick) and look again. */
+/* Every other wait polls the used idx; the others (and a poll that found nothing) sleep until the
+ * device's interrupt has come and the used ring has the buffer: the driver always asks for an
+ * interrupt (used_event = the next used idx, or no VRING_AVAIL_F_NO_INTERRUPT), so the device
+ * must send one. Interrupts taken only here: one that came during a poll is still pending in
+ * the LAPIC and is counted at the next sleep. */
 int vq_wait(struct vq *q, u32 *len, u32 timeout_ticks)
 {
 	if (q->waits++ & 1)
@@ -501,15 +504,18 @@ int vq_wait(struct vq *q, u32 *len, u32 timeout_ticks)
 		}
 	u32 start = ticks, interrupts = q->dev->interrupts;
 	for (;;) {
-		int head = vq_get_used(q, len);
-		if (head >= 0) {
-			q->by_wait++;
-			if (q->dev->interrupts != interrupts)
+		if (q->dev->interrupts != interrupts) {
+			int head = vq_get_used(q, len);
+			if (head >= 0) {
 				q->by_interrupt++;
-			return head;
+				return head;
+			}
 		}
-		if (ticks - start >= timeout_ticks)
+		if (ticks - start >= timeout_ticks) {
+			int head = vq_get_used(q, len);	/* used, but no interrupt came */
+			CHECK(head < 0, head, "virtio: the device used a buffer but sent no interrupt");
 			return -1;
+		}
 		idle();
 	}
 }
@@ -542,7 +548,7 @@ void put_counts(const char *prefix, struct vdev *d)
 	put_dec(polled);
 	puts(" found by polling, ");
 	put_dec(woken);
-	puts(" after an interrupt), ");
+	puts(" after their interrupt), ");
 	put_dec(notifies);
 	puts(" notifies (");
 	put_dec(skipped);
