@@ -297,7 +297,7 @@ def _device_moves_frames_both_ways():
     from pykvm.virtio import F_VERSION_1, VirtioMmio
     from pykvm.virtio import mmio as regs
     from pykvm.virtio.net import (F_MAC, F_STATUS, RX_BYTES, RX_DROPPED, RX_FRAMES, RX_TRUNCATED, TX_BYTES,
-                                  TX_FRAMES, VirtioNet)
+                                  TX_ERRORS, TX_FRAMES, VirtioNet)
 
     memory = drv.bare_memory()
     net = VirtioNet(TAP, mac=GUEST_MAC)
@@ -360,7 +360,13 @@ def _device_moves_frames_both_ways():
             _wait_for(lambda: txq.used_idx == 1, "the transmit chain was not returned", net)
             assert txq.take_used() == [(0, 0)]
             assert net.stats[TX_FRAMES] == 1 and net.stats[TX_BYTES] == len(out)
-            assert t.stats["notifies (trapped)"] == 3 and not t.error, (dict(t.stats), t.error)
+
+            # a transmit chain shorter than the header is an error, counted; the chain still comes back
+            txq.offer(txq.chain([(0x90000, 6, False)], first=2))
+            drv.notify(t, 1)
+            _wait_for(lambda: txq.used_idx == 2, "the short transmit chain was not returned", net)
+            assert txq.take_used() == [(2, 0)] and net.stats[TX_ERRORS] == 1 and net.stats[TX_FRAMES] == 1
+            assert t.stats["notifies (trapped)"] == 4 and not t.error, (dict(t.stats), t.error)
     finally:
         t.close()
         drv.close_memory(memory)
