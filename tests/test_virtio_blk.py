@@ -287,3 +287,50 @@ def test_a_flushed_write_survives_a_kill_right_after_the_acknowledgement(image):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert image.read_bytes()[2 * 512 : 4 * 512] == (b"acknowledged" * 100)[:1024]
+
+
+# ---- hostile drivers --------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from virtio_driver import (  # noqa: E402
+    RAM, changed_outside, drive_hostile, hostile_rings, hostile_strategy, lay_out_hostile, readable_streams,
+)
+
+
+def named_sectors(streams) -> set[int]:
+    """Every sector some chain's readable bytes name for a write or a discard (a generous superset)."""
+    named = set()
+    for stream in streams:
+        if len(stream) < 16:
+            continue
+        kind, _, sector = struct.unpack_from("<IIQ", stream)
+        if kind == blk.T_OUT:
+            named.update(range(sector, min(sector + -(-(len(stream) - 16) // 512), SECTORS)))
+        elif kind == blk.T_DISCARD:
+            for at in range(16, len(stream) - 15, 16):
+                first, count, _ = struct.unpack_from("<QII", stream, at)
+                named.update(range(first, min(first + count, SECTORS)))
+    return named
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(case=hostile_strategy())
+def test_random_rings_never_raise_nor_write_outside_the_buffers_or_the_named_sectors(tmp_path, case):
+    path = tmp_path / "hostile.img"
+    path.write_bytes(pattern())
+    memory = bare_memory()
+    try:
+        with VirtioMmio(VirtioBlk(path), memory, GPA, threaded=False) as t:
+            allowed = lay_out_hostile(memory, t, case)
+            before = memory.read(0, RAM)
+            named = named_sectors(readable_streams(memory, hostile_rings(memory, t)))
+            drive_hostile(t)
+            assert t.stats[regs.HOST_ERRORS] == 0, t.error
+            assert changed_outside(before, memory.read(0, RAM), allowed) == []
+        after = path.read_bytes()
+        assert len(after) == SECTORS * 512
+        changed = {s for s in range(SECTORS) if after[s * 512 : (s + 1) * 512] != pattern()[s * 512 : (s + 1) * 512]}
+        assert changed <= named
+    finally:
+        close_memory(memory)

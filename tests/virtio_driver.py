@@ -21,7 +21,7 @@ from pykvm.virtio import (
     F_VERSION_1,
 )
 from pykvm.virtio import mmio as regs
-from pykvm.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
+from pykvm.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 
 RAM = 1 << 20
 GPA = 0xD0000000
@@ -178,3 +178,167 @@ def interrupts(t) -> int:
 
 
 FEATURES_DEFAULT = F_VERSION_1
+
+
+# ---- hostile drivers (the property tests) -------------------------------------------------------------
+# Guest memory is split so that what the device may write never holds what it reads: descriptor
+# tables and rings from 0x1000, indirect tables at TABLES, readable buffers in READ_AREAS,
+# writable ones in WRITE_AREAS (and the used rings). Then the descriptors the device can ever see
+# are exactly the generated ones, and so are the buffers it may write: the oracle is exact.
+HOSTILE_SIZE = 8
+TABLES = 0x8000  # 4 indirect tables of HOSTILE_SIZE entries, 0x200 apart
+READ_AREAS = ((0x10000, 0x10000), (0x40000, 0x60000))  # (start, size)
+WRITE_AREAS = ((0x20000, 0x10000), (0xA0000, 0x50000))
+LENGTHS = (0, 1, 15, 16, 17, 511, 512, 513, 1024, 4096, 0x10000, 0xFFFFFFFF)
+
+
+def hostile_strategy():
+    """A hypothesis strategy: random descriptor tables, indirect tables and available rings, with
+    some well-formed requests (header, data, status byte) among them so that the devices get past
+    the ring checks often enough to read and write."""
+    from hypothesis import strategies as st
+
+    length = st.one_of(st.sampled_from(LENGTHS), st.integers(0, 0xFFFFFFFF))
+    flags = st.sampled_from([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7])  # NEXT and WRITE more often than INDIRECT
+    place = st.tuples(st.sampled_from(["pool", "pool", "pool", "edge", "outside", "huge", "used", "table", "desc"]),
+                      st.integers(0, 1), st.integers(0, 0xFFFF))
+    desc = st.tuples(place, length, flags, st.integers(0, HOSTILE_SIZE + 1))
+    table = st.lists(desc, min_size=HOSTILE_SIZE, max_size=HOSTILE_SIZE)
+    sector = st.one_of(st.integers(0, 56), st.integers(0, 56), st.integers(0, 70), st.just((1 << 64) - 1),
+                       st.integers(0, (1 << 64) - 1))
+    request = st.tuples(st.integers(0, HOSTILE_SIZE - 3), st.sampled_from([0, 0, 1, 1, 1, 4, 8, 11, 11, 99]), sector,
+                        st.sampled_from([0, 16, 100, 512, 512, 1024, 4096, 4096]), st.integers(0, 70), st.integers(0, 0xFFF))
+    queue = st.fixed_dictionaries({
+        "descs": table,
+        "indirect": st.lists(table, min_size=4, max_size=4),
+        "requests": st.lists(request, min_size=1, max_size=2),
+        "avail_idx": st.one_of(st.integers(1, 3), st.integers(0, HOSTILE_SIZE + 1), st.integers(0, 0xFFFF)),
+        "heads": st.lists(st.integers(0, HOSTILE_SIZE + 1), min_size=HOSTILE_SIZE, max_size=HOSTILE_SIZE),
+        "used_event": st.integers(0, 0xFFFF),
+        "avail_flags": st.integers(0, 1),
+    })
+    return st.fixed_dictionaries({
+        "queues": st.lists(queue, min_size=2, max_size=2),
+        "seed": st.integers(0, 1 << 32),
+        "features": st.sampled_from([None, None, F_VERSION_1, F_VERSION_1 | (1 << 28), F_VERSION_1 | (1 << 29)]),
+    })
+
+
+def _address(place, flags, ring, writable) -> int:
+    """Where a generated descriptor points. Indirect tables lie only where the device never writes
+    (the tables area, the queue's own descriptor table) or outside RAM; buffers in the areas of
+    their direction, at the end of RAM, outside it, or (writable ones) on the used ring."""
+    where, area, offset = place
+    if flags & DESC_F_INDIRECT:
+        if where in ("pool", "used", "table"):
+            return TABLES + 0x200 * (offset % 4)
+        if where == "desc":
+            return ring.desc
+    elif where in ("pool", "table", "desc") or (where == "used" and not writable):
+        start, size = (WRITE_AREAS if writable else READ_AREAS)[area]
+        return start + offset % size
+    if where == "edge":  # across (or just inside) the end of RAM; readable ones a page lower
+        return RAM - 1 - offset % 64 - (0 if writable else 0x1000)
+    if where == "outside":
+        return RAM + offset
+    if where == "huge":
+        return (1 << 64) - 1 - offset
+    return ring.used
+
+
+def lay_out_hostile(memory, t, case) -> list[tuple[int, int]]:
+    """Write a generated case into guest memory and start the device on it. Returns the ranges
+    the device may write: every WRITE descriptor's buffer the driver laid out, and the used rings."""
+    import random
+
+    rng = random.Random(case["seed"])
+    for base, size in READ_AREAS:
+        memory.write(base, rng.randbytes(size))
+    n = len(t.device.queue_sizes)
+    rings = start(t, memory, sizes={i: HOSTILE_SIZE for i in range(n)}, features=case["features"])
+    allowed = []
+    for ring, q in zip(rings, case["queues"]):
+        allowed.append((ring.used, 6 + 8 * ring.size))
+        tables = [(None, q["descs"])] + [(TABLES + 0x200 * k, table) for k, table in enumerate(q["indirect"])]
+        for base, descs in tables:
+            for i, (place, length, flags, nxt) in enumerate(descs):
+                writable = bool(flags & DESC_F_WRITE) and not flags & DESC_F_INDIRECT
+                addr = _address(place, flags, ring, writable)
+                ring.set_desc(i, addr, length, flags, nxt, table=base)
+                if writable:
+                    allowed.append((addr, length))
+        for k, (pos, kind, sector, size, count, offset) in enumerate(q["requests"]):
+            # a well-formed request at descriptors pos..pos+2: header, data, status byte
+            header = READ_AREAS[0][0] + 0x40 * (offset % 0x400)
+            memory.write(header, struct.pack("<IIQ", kind, 0, sector))
+            data_out = kind in (1, 11)
+            data = (READ_AREAS[1][0] if data_out else WRITE_AREAS[1][0]) + 0x40 * offset
+            if kind == 11:  # discard segments
+                memory.write(data, struct.pack("<QII", sector, count, 0) * (size // 16))
+            status = WRITE_AREAS[0][0] + 0x10 * offset
+            ring.set_desc(pos, header, 16, DESC_F_NEXT, pos + 1)
+            ring.set_desc(pos + 1, data, size, DESC_F_NEXT | (0 if data_out else DESC_F_WRITE), pos + 2)
+            ring.set_desc(pos + 2, status, 1, DESC_F_WRITE)
+            allowed += [(status, 1)] + ([] if data_out else [(data, size)])
+            memory.write_u16(ring.avail + 4 + 2 * k, pos)
+        for k, head in enumerate(q["heads"][len(q["requests"]):], start=len(q["requests"])):
+            memory.write_u16(ring.avail + 4 + 2 * k, head)
+        ring.set_used_event(q["used_event"])
+        ring.set_avail_flags(q["avail_flags"])
+        ring.set_avail_idx(q["avail_idx"])
+    return allowed
+
+
+def changed_outside(before: bytes, after: bytes, allowed: list[tuple[int, int]]) -> list[int]:
+    """Addresses where ``after`` differs from ``before`` outside every allowed (start, length) range."""
+    bad = []
+    for page in range(0, len(before), 4096):
+        if before[page : page + 4096] == after[page : page + 4096]:
+            continue
+        for a in range(page, page + 4096):
+            if before[a] != after[a] and not any(s <= a < s + n for s, n in allowed):
+                bad.append(a)
+    return bad
+
+
+def readable_streams(memory, rings) -> list[bytes]:
+    """For every possible head of every queue, the readable bytes of its chain, walked generously
+    (no rule checked but bounds): a superset of what the device can have read as a request."""
+    streams = []
+    for ring in rings:
+        for head in range(ring.size):
+            stream, table, entries, index, nested = b"", ring.desc, ring.size, head, False
+            for _ in range(4 * ring.size):
+                addr, length, flags, nxt = struct.unpack("<QIHH", memory.read(table + 16 * index, 16))
+                if flags & 4 and not nested and 16 <= length <= 16 * ring.size and memory.region_at(addr):
+                    table, entries, index, nested = addr, length // 16, 0, True
+                    continue
+                if length and not flags & DESC_F_WRITE:
+                    if memory.region_at(addr) is None or memory.region_at(addr + length - 1) is None:
+                        break
+                    stream += memory.read(addr, length)
+                if not flags & DESC_F_NEXT or nxt >= entries:
+                    break
+                index = nxt
+            streams.append(stream)
+    return streams
+
+
+def hostile_rings(memory, t) -> list[Ring]:
+    """The Ring objects of a started transport (to read back what lay_out_hostile laid out)."""
+    out = []
+    for q in t.queues:
+        ring = Ring.__new__(Ring)
+        ring.memory, ring.index, ring.size = memory, q.index, q.size
+        ring.desc, ring.avail, ring.used = q.desc_addr, q.driver_addr, q.device_addr
+        out.append(ring)
+    return out
+
+
+def drive_hostile(t) -> None:
+    """Notify every queue, trapped and through the eventfd, as a hostile driver would."""
+    for i in range(len(t.queues)):
+        notify(t, i)
+        kick(t, i)
+    t.process_pending()
+    reg_write(t, regs.STATUS, 0)  # and reset it under the device

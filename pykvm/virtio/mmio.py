@@ -93,7 +93,8 @@ SUPPRESSED = "interrupts suppressed"
 REGISTER_EXITS = "register exits"
 CONFIG_INTERRUPTS = "config interrupts"
 RESETS = "resets"
-ERRORS = "device errors"
+ERRORS = "device errors"  # times the device went to DEVICE_NEEDS_RESET
+HOST_ERRORS = "host errors"  # of those, failures on the host side (a backend raised something else than VirtqueueError)
 
 
 class VirtioMmio(Device):
@@ -336,6 +337,7 @@ class VirtioMmio(Device):
             try:
                 self.device.activate(self.driver_features, self.queues)
             except Exception as e:  # a host-side failure while activating: the guest sees a broken device
+                self.stats[HOST_ERRORS] += 1
                 self._needs_reset(f"activating the device failed: {type(e).__name__}: {e}")
                 return False
             return self.threaded
@@ -460,6 +462,8 @@ class VirtioMmio(Device):
                 queue.broken = str(e)
             self._needs_reset(str(e))
         except Exception as e:  # a bug or a host failure in the backend: the guest sees a broken device
+            with self._lock:
+                self.stats[HOST_ERRORS] += 1
             self._needs_reset(f"{self.device.name}: {type(e).__name__}: {e}")
 
     def _signal_used(self) -> None:
