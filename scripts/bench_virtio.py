@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 from pykvm import argtypes  # noqa: E402
 from pykvm.ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError  # noqa: E402
 from pykvm.machine import GuestError, Machine  # noqa: E402
-from pykvm.x86 import layout  # noqa: E402
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
 
