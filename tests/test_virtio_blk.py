@@ -3,7 +3,6 @@ Python driver in a bare GuestMemory; errors as statuses, nothing written outside
 
 from __future__ import annotations
 
-import os
 import signal
 import struct
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.virtio import F_RING_INDIRECT_DESC, F_VERSION_1, STATUS_DEVICE_NEEDS_RESET, VirtioBlk, VirtioError, VirtioMmio
+from pykvm.virtio import F_VERSION_1, STATUS_DEVICE_NEEDS_RESET, VirtioBlk, VirtioError, VirtioMmio
 from pykvm.virtio import blk
 from pykvm.virtio import mmio as regs
 from pykvm.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE

@@ -3,8 +3,6 @@ throws random descriptor tables at it."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 
