@@ -149,7 +149,7 @@ class Virtqueue:
         self.last_avail = 0  # the next available-ring entry the device takes
         self.used_idx = 0  # the device's used.idx
         self._signalled = 0  # used.idx at the last interrupt decision
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used16 = None
 
     def __repr__(self) -> str:
         return (f"<Virtqueue {self.index} size={self.size} ready={self.ready} desc={self.desc_addr:#x} "
@@ -177,6 +177,10 @@ class Virtqueue:
         self._desc = self._view(self.desc_addr, DESC_SIZE * size, "the descriptor table")
         self._avail = self._view(self.driver_addr, 6 + 2 * size, "the available ring")
         self._used = self._view(self.device_addr, 6 + 8 * size, "the used ring")
+        # The fields a driver reads while the device writes them (used.idx, avail_event) are stored
+        # through this 16-bit view: one 2-byte store each. struct.pack_into zero-fills its target
+        # before it packs, so a driver polling on another CPU could read a torn 0 in between.
+        self._used16 = self._used.cast("H")
         self.event_idx = bool(features & F_RING_EVENT_IDX)
         self.indirect = bool(features & F_RING_INDIRECT_DESC)
         self.ready = True
@@ -209,7 +213,7 @@ class Virtqueue:
         if not self.pending():
             if not self.event_idx:
                 return None
-            _U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)  # avail_event
+            self._used16[2 + 4 * self.size] = self.last_avail  # avail_event, after the size ring entries
             full_barrier()
             if not self.pending():
                 return None
@@ -275,7 +279,7 @@ class Virtqueue:
         slot = 4 + 8 * (self.used_idx % self.size)
         _USED_ELEM.pack_into(self._used, slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self.used_idx)  # after the element: x86 keeps stores in order
+        self._used16[1] = self.used_idx  # used.idx, after the element: x86 keeps stores in order
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last call
