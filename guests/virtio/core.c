@@ -452,6 +452,7 @@ void vq_free_chain(struct vq *q, u16 head)
 void vq_kick(struct vq *q)
 {
 	mb();			/* the avail idx before the device's avail_event / used flags */
+	q->irq_mark = q->dev->interrupts;
 	u16 new_idx = q->avail_idx, old_idx = q->kicked_at;
 	int need;
 	if (has_event_idx(q)) {
@@ -502,7 +503,9 @@ int vq_wait(struct vq *q, u32 *len, u32 timeout_ticks)
 				return head;
 			}
 		}
-	u32 start = ticks, interrupts = q->dev->interrupts;
+	/* Counted from the kick, not from this wait: the device may coalesce this queue's interrupt
+	 * with one another wait (e.g. the transmit before this receive) already took. */
+	u32 start = ticks, interrupts = q->irq_mark;
 	for (;;) {
 		if (q->dev->interrupts != interrupts) {
 			int head = vq_get_used(q, len);

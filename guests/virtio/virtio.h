@@ -109,6 +109,7 @@ struct vq {
 	u16 free_head, num_free;
 	u16 chain_len[QUEUE_SIZE];	/* descriptors of the chain that starts at each head */
 	u16 kicked_at;			/* avail idx at the last notify (for the event index) */
+	u32 irq_mark;			/* the device's interrupt count when buffers were last made available */
 	u8 in_flight[QUEUE_SIZE];	/* heads the device holds */
 	u32 waits, completions, by_poll, by_wait, by_interrupt, notifies, notifies_skipped;
 };
