@@ -45,6 +45,11 @@ from .x86.modes import Mode, code_bits, setup_mode
 from .x86.tables import vector_name
 
 
+BP_VECTOR = 3  # #BP, the breakpoint exception INT3 raises
+CR0_TS_MP = 0x0A  # CR0.TS | CR0.MP: FWAIT raises #NM when both are set
+FSW_ES = 0x80  # x87 status word: an unmasked exception is pending (FWAIT raises #MF)
+
+
 class GuestError(Exception):
     """The guest stopped in a way nobody handles; ``state`` holds its registers and code at RIP."""
 
@@ -367,7 +372,8 @@ class Machine:
         ``debugcons``, QEMU's ``pc-testdev`` and ``pci_testdevs`` ``pci-testdev`` functions. PCI
         resources are assigned, and the interrupt vector table, the 8259s and the PIT set up
         (:mod:`pykvm.x86.bios`), as SeaBIOS leaves them before a ``-kernel`` guest starts. Build the
-        machine with ``strict=False`` for QEMU's unassigned I/O. Returns the :class:`PciHost`
+        machine with ``strict=False`` for QEMU's unassigned I/O. The DSDT describes the virtio-mmio
+        transports added before this call (:meth:`add_virtio`). Returns the :class:`PciHost`
         (its UART, if any, is :attr:`uart`)."""
         from .devices.acpi_pm import AcpiPm
         from .devices.cmos import Cmos
@@ -425,7 +431,8 @@ class Machine:
             host.add(PciTestDev())
         host.assign_resources()
         self.acpi = build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base,
-                               ecam_buses=(host.ecam_bus_start, host.ecam_bus_end))
+                               ecam_buses=(host.ecam_bus_start, host.ecam_bus_end),
+                               virtio_mmio=tuple((t.gpa, t.size, t.irq) for t in self.virtio))
         self.acpi.write(self.memory)
         build_mptable(ncpus).write(self.memory)
         self.pci = host
@@ -700,8 +707,8 @@ class Machine:
         it and say True: the hint NOPs (``nop r/m``, 0F 18-1F, the PREFETCH hints); while CR4.CET
         is off, ENDBR32/64 and RDSSPD/Q (which leave their register alone without CET); CLAC/STAC
         at CPL0 (RFLAGS.AC cleared / set). kvm_pvm runs guest CPL0 code through that emulator,
-        which lacks them; Xen's and CET-built kernels use them. Anything else: False, and the
-        failure stands."""
+        which lacks them; Xen's and CET-built kernels use them. Also FWAIT where it raises nothing
+        (Linux's FPU set-up runs one). Anything else: False, and the failure stands."""
         if exit.suberror != InternalErrorSub.EMULATION or not exit.insn_bytes:
             return False
         sregs = vcpu.get_sregs()
@@ -713,6 +720,11 @@ class Machine:
         cet = sregs.cr4 >> 23 & 1
         if insn.mnemonic in ("clac", "stac") and sregs.cs.selector & 3 == 0:  # CPL0 only (#UD otherwise)
             regs.rflags = regs.rflags | RFLAGS_AC if insn.mnemonic == "stac" else regs.rflags & ~RFLAGS_AC
+        elif insn.mnemonic == "wait":
+            # FWAIT does nothing unless it must raise #NM (CR0.TS and CR0.MP) or #MF (an unmasked
+            # x87 exception pending: FSW.ES): those are left to fail
+            if sregs.cr0 & CR0_TS_MP == CR0_TS_MP or vcpu.get_fpu().fsw & FSW_ES:
+                return False
         elif not (insn.mnemonic == "nop" or insn.mnemonic.startswith("prefetch")
                   or (not cet and insn.mnemonic in ("endbr32", "endbr64", "rdsspd", "rdsspq"))):
             return False
@@ -721,8 +733,26 @@ class Machine:
         self.hint_nops_completed += 1
         return True
 
+    def complete_int3(self, exit, vcpu) -> bool:
+        """Where KVM's instruction emulator gave up on INT3 (0xCC), do what the processor does:
+        raise #BP as a trap, the return address after the instruction, through KVM's exception
+        injection (KVM_SET_VCPU_EVENTS), and say True. kvm_pvm runs guest CPL0 code through that
+        emulator, which has no INT3; Linux's boot runs one (the alternatives' INT3 self-test) and
+        text patching depends on it. Anything else: False."""
+        if exit.suberror != InternalErrorSub.EMULATION or exit.insn_bytes[:1] != b"\xcc":
+            return False
+        regs = vcpu.get_regs()
+        regs.rip = (regs.rip + 1) & ((1 << code_bits(vcpu.get_sregs())) - 1)
+        vcpu.set_regs(regs)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr = 1, BP_VECTOR
+        events.exception.has_error_code, events.exception.error_code = 0, 0
+        vcpu.set_vcpu_events(events)
+        self.hint_nops_completed += 1
+        return True
+
     def _internal_error(self, exit, vcpu):
-        if not self.complete_hint_nop(exit, vcpu):
+        if not (self.complete_hint_nop(exit, vcpu) or self.complete_int3(exit, vcpu)):
             self._unexpected(exit, vcpu)
 
     def _unexpected(self, exit, vcpu):
