@@ -355,7 +355,8 @@ def build_acpi(
     ``platform``: "reduced" (the default: hardware-reduced FADT, empty DSDT) or "pc" (FADT with
     the PM1a / PM timer / GPE0 blocks at ``pm_base`` / ``gpe0_base`` and SCI ``sci_irq``, a FACS,
     a DSDT with \\_S3 / \\_S5, level overrides in the MADT). ``ecam_base`` adds an MCFG,
-    ``virtio_mmio`` ((gpa, size, irq) each) virtio-mmio devices to the DSDT.
+    ``virtio_mmio`` ((gpa, size, irq) each) virtio-mmio devices to the DSDT; their IRQs are edge-
+    triggered (an irqfd's pulse), so the MADT has no level override for them.
     Every table lies below ``limit_gpa`` (default: the end of the BIOS area), or ValueError.
     """
     if platform not in PLATFORMS:
@@ -370,7 +371,7 @@ def build_acpi(
     pc = platform == "pc"
 
     madt_blob = madt(ncpus, ioapic_id, ioapic_gpa=ioapic_gpa, lapic_gpa=lapic_gpa, irq0_override=irq0_override,
-                     level_irqs=PCI_LEVEL_IRQS if pc else ())
+                     level_irqs=tuple(i for i in PCI_LEVEL_IRQS if i not in {v[2] for v in virtio_mmio}) if pc else ())
     dsdt_blob = dsdt(sleep_states=pc, virtio_mmio=tuple(virtio_mmio))
     mcfg_blob = mcfg(ecam_base, *ecam_buses) if ecam_base is not None else None
     listed = ["FACP", "APIC"] + (["MCFG"] if mcfg_blob else [])

@@ -87,6 +87,7 @@ FEATURE_BITS: dict[str, tuple[int, int, str, int]] = {
     "vmx": (1, 0, "ecx", 5), "pcid": (1, 0, "ecx", 17), "x2apic": (1, 0, "ecx", 21),
     "tsc-deadline": (1, 0, "ecx", 24), "xsave": (1, 0, "ecx", 26), "avx": (1, 0, "ecx", 28),
     "rdrand": (1, 0, "ecx", 30), "pdcm": (1, 0, "ecx", 15), "movbe": (1, 0, "ecx", 22),
+    "cx16": (1, 0, "ecx", 13), "popcnt": (1, 0, "ecx", 23), "aes": (1, 0, "ecx", 25),
     "fsgsbase": (7, 0, "ebx", 0), "smep": (7, 0, "ebx", 7), "invpcid": (7, 0, "ebx", 10),
     "rtm": (7, 0, "ebx", 11), "smap": (7, 0, "ebx", 20), "umip": (7, 0, "ecx", 2), "pku": (7, 0, "ecx", 3),
     "la57": (7, 0, "ecx", 16), "rdpid": (7, 0, "ecx", 22),
