@@ -54,3 +54,43 @@ def test_a_guest_using_them_at_cpl0_runs_on(guest_asm, run_guest):
     """On kvm_pvm, CPL0 code goes through KVM's emulator, which lacks these; on VMX/SVM they run natively."""
     result = run_guest(guest_asm("endbr64\nrdsspq %rax\nnopl 0(%rax,%rax)\nmov $1, %eax"))
     assert result.ok
+
+
+@pytest.mark.kvm
+def test_fwait_is_stepped_over_unless_it_must_fault(kvm_machine):
+    m = kvm_machine("long")
+    rip = m.vcpu.get_regs().rip
+    assert m.complete_hint_nop(failure(b"\x9b"), m.vcpu)  # fwait: nothing pending
+    assert m.vcpu.get_regs().rip == rip + 1
+    sregs = m.vcpu.get_sregs()
+    sregs.cr0 |= 0x0A  # CR0.TS | CR0.MP: FWAIT raises #NM, left to the failure
+    m.vcpu.set_sregs(sregs)
+    assert not m.complete_hint_nop(failure(b"\x9b"), m.vcpu)
+    assert m.vcpu.get_regs().rip == rip + 1
+
+
+@pytest.mark.kvm
+def test_int3_raises_a_breakpoint_trap(kvm_machine):
+    from pykvm.machine import GuestException
+
+    m = kvm_machine("long")
+    rip = m.vcpu.get_regs().rip
+    assert not m.complete_int3(failure(b"\x0f\x0b"), m.vcpu)  # only INT3
+    assert m.vcpu.get_regs().rip == rip and m.hint_nops_completed == 0
+    assert m.complete_int3(failure(b"\xcc"), m.vcpu)
+    assert m.vcpu.get_regs().rip == rip + 1  # a trap: the return address is after the INT3
+    with pytest.raises(GuestException) as info:  # delivered at the next entry, to pykvm's stub for #BP
+        m.run(timeout=10)
+    assert info.value.vector == 3 and info.value.rip == rip + 1
+
+
+@pytest.mark.kvm
+def test_int3_at_cpl0_reaches_the_guests_handler_after_the_instruction(run_guest, guest_asm):
+    """On kvm_pvm the emulator fails on INT3 and complete_int3 injects #BP; on VMX/SVM the processor
+    raises it. Either way pykvm's stub for vector 3 reports it with RIP after the INT3."""
+    from pykvm.machine import GuestException
+
+    with pytest.raises(GuestException) as info:
+        run_guest(guest_asm("nop\nint3\nnop\nmov $1, %eax"), check=False)
+    assert info.value.vector == 3
+    assert info.value.rip == 0x100002  # the guest starts at PROTECTED_LOAD: nop (1 byte), int3 (1 byte)
