@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .nested import cli as nested_cli
 
     nested_cli.add_parser(sub)
+    from . import boot
+
+    boot.add_parser(sub)
     return parser
 
 

@@ -58,7 +58,24 @@ REPRO_SOURCE = Path(__file__).resolve().parent.parent / "scripts" / "guest_debug
 REPRO_CASES = ("sw", "step", "stepio", "stephlt", "stepemu", "rearmed", "hw")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (a distribution kernel's boot: minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` are deselected (not skipped) unless --slow is given: `make test-linux`
+    and the kvm_amd tier run them."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes long (a distribution kernel's boot); deselected without --slow")
     config.addinivalue_line(
         "markers", "guest_debug(*cases): needs these KVM guest-debug cases of "
                    "scripts/guest_debug_repro.c (sw: INT3 breakpoints, hw: DR0-DR3, step, ...); on the "
