@@ -75,7 +75,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes long (a distribution kernel's boot); deselected without --slow")
     config.addinivalue_line(
         "markers", "guest_debug(*cases): needs these KVM guest-debug cases of "
                    "scripts/guest_debug_repro.c (sw: INT3 breakpoints, hw: DR0-DR3, step, ...); on the "
