@@ -374,7 +374,10 @@ def _stats(machine, transports) -> dict:
     from .cli import _stats_document
 
     doc = _stats_document(machine)
-    doc["virtio"] = {f"{type(t.device).__name__}@{t.gpa:#x}": dict(t.stats) for t in transports}
+    from .virtio.mmio import INTERRUPTS, NOTIFY_IOEVENTFD, NOTIFY_TRAPPED, REGISTER_EXITS
+
+    main = dict.fromkeys((NOTIFY_IOEVENTFD, NOTIFY_TRAPPED, INTERRUPTS, REGISTER_EXITS), 0)
+    doc["virtio"] = {f"{type(t.device).__name__}@{t.gpa:#x}": {**main, **t.stats} for t in transports}
     return doc
 
 

@@ -183,14 +183,18 @@ def init_script(*, console: str, script: str | None, interactive: bool, modules:
     then run ``script`` (a shell script, from ``--init-script``) or an interactive shell, and power off."""
     loads = "\n".join(f"insmod /lib/modules/{m} 2>/dev/null || echo \"pykvm-init: insmod {m} failed\""
                       for m in modules)
-    tail = script if script is not None else (f"setsid cttyhack sh" if interactive else "")
+    tail = script if script is not None else ("setsid cttyhack sh" if interactive else "")
+    # console=hvc0 names a console whose driver (virtio_console) is a module: the kernel opened
+    # no /dev/console for init, so init takes hvc0 once the module made it
+    hvc = ("for i in 1 2 3 4 5; do [ -e /dev/hvc0 ] && break; sleep 1; done\n"
+           "[ -e /dev/hvc0 ] && exec </dev/hvc0 >/dev/hvc0 2>&1\n" if console == "virtio" else "")
     return f"""#!/bin/sh
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 {loads}
-echo "{INIT_BANNER} ($(uname -r), console {console})"
+{hvc}echo "{INIT_BANNER} ($(uname -r), console {console})"
 for d in /sys/bus/virtio/devices/*; do
   [ -e "$d/device" ] && echo "pykvm-init: virtio device $(cat $d/device) at $(basename $(readlink -f $d/..))"
 done

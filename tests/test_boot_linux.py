@@ -101,6 +101,11 @@ def test_a_marker_written_through_virtio_blk_survives_into_a_second_boot(backend
 
     read = tmp_path / "read.sh"
     read.write_text("echo \"read-back: $(dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -n 1)\"\n")
-    status, doc = boot("--disk", f"{disk},ro", "--init-script", str(read), timeout=FULL_TIMEOUT)
+    status, doc = boot("--disk", f"{disk},ro", "--init-script", str(read), "--smp", "2", "--stats",
+                       "--console", "virtio", timeout=FULL_TIMEOUT)
     assert status == 0, doc["ending"]
-    assert f"read-back: {marker}" in doc["console"]
+    assert f"read-back: {marker}" in doc["console"]  # through hvc0: virtio-console
+    assert "smp: Brought up 1 node, 2 CPUs" in doc["console"]
+    assert doc["stats"]["virtio"]["VirtioConsole@0xd0001000"]["notifies (ioeventfd)"] > 0
+    blk = doc["stats"]["virtio"]["VirtioBlk@0xd0000000"]
+    assert blk["notifies (ioeventfd)"] > 0 and blk["notifies (trapped)"] == 0, blk  # no Python exit per notify
