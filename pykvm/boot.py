@@ -136,10 +136,10 @@ class ConsoleWatch:
             self.phases.mark("init started", line)
         elif USER_LINE.search(line):
             self.phases.mark("user space up", line)
-        elif PANIC_LINE.search(line):
-            self.phases.mark("kernel panic", line)
+        elif match := PANIC_LINE.search(line):
+            self.phases.mark("kernel panic", line[match.start():])
             if self.on_panic is not None:
-                self.on_panic(line)
+                self.on_panic(line[match.start():])
         self._last_line = line
 
     def flush(self) -> None:
@@ -325,8 +325,11 @@ def cmd_boot(args) -> int:
         code = 0 if powered else st.of_error(error) if error is not None else st.of_outcome(outcome)
         ending = ("power-off" if isinstance(outcome, PowerOff) else "reboot" if isinstance(outcome, Reset)
                   else f"error: {error}" if error is not None else f"guest status {outcome.status}")
+        if "kernel panic" in phases.seconds:  # the watch stopped the machine: not a timeout
+            code, ending = st.GUEST_STOPPED, f"kernel panic: {phases.lines['kernel panic']}"
         doc = {
-            "kernel": str(kernel_path), "release": release, "entry": boot.mode, "compression": boot.compression, "cmdline": cmdline,
+            "kernel": str(kernel_path), "release": release, "entry": boot.mode, "compression": boot.compression,
+            "cmdline": cmdline,
             "mem": args.mem, "smp": args.smp, "backend": backend, "ending": ending, "status": code,
             "phases": phases.seconds, "phase_lines": phases.lines,
             "devices": [{"type": type(t.device).__name__, "gpa": t.gpa, "irq": t.irq} for t in transports],

@@ -164,3 +164,13 @@ def test_console_watch_marks_phases_from_lines():
     assert "user space up" in phases.seconds
     assert panics == ["Kernel panic - not syncing: Attempted to kill init!"]
     assert watch.text().count("\n") == 4
+
+
+@pytest.mark.kvm
+def test_a_kernel_panic_stops_the_guest_with_status_72():
+    # the stub echoes its command line on COM1: a panic line as far as the console watch can tell
+    run = boot("--kernel", str(stub()), "--append", "Kernel panic - not syncing: a test", "--json")
+    assert run.returncode == 72, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["ending"] == "kernel panic: Kernel panic - not syncing: a test"
+    assert "poweroff stub: power off" not in doc["console"] and doc["state"]["regs"]
