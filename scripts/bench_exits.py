@@ -3,9 +3,13 @@
 
 One command runs guests/build/bench_io.bin (16-bit real mode) once per exit kind: the host puts a
 loop number in EAX and N in ECX, and the guest makes N accesses of that kind in a tight loop, then
-says DONE. Each kind runs three ways, with the same N and the same set-up:
+says DONE. Each kind runs four ways, with the same N and the same set-up:
 
   c        scripts/exit_loop.c: the reference loop in C (compiled here with `cc -O2`)
+  raw      the floor of Python: KVM_RUN called through cffi, the exit reason read as an int from the
+           kvm_run page and the least write that answers the exit (the data byte of a read, msr.data;
+           KVM_GET_REGS / KVM_SET_REGS for the hypercall port), with no decoding into exit values and
+           no dispatch: one specialised loop per kind
   bare     Vcpu.run() and the least Python can do to answer the exit (a type check, a reply)
   machine  Machine.run(): the policy loop, with handlers registered by on_port / on_mmio / on_msr /
            on_hypercall / on_exit (each counts the access and answers it)
@@ -17,7 +21,8 @@ ring and drained at the next exit). They are shown apart, against the kind they 
 Each run is timed from the first KVM_RUN to the DONE exit (CLOCK_MONOTONIC; VM set-up is not timed)
 and divided by N: ns per access, which for the exit kinds is ns per exit (plus 1/N of the DONE exit).
 Each is repeated --repeat times, interleaved in a rotating order after an untimed warm-up; the
-median is reported, with the ratios bare/c and machine/c. Speed is only ever a ratio against the C
+median is reported, with the ratios raw/c, bare/c, machine/c and machine/raw (what pykvm adds
+over the floor Python itself sets). Speed is only ever a ratio against the C
 run of the same command: no absolute number here is a pass/fail threshold.
 
 Exit status: 0 ok, 1 a run failed, 2 usage, 4 this host cannot run it (no /dev/kvm, no compiler,
@@ -43,8 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pykvm import argtypes  # noqa: E402
+from pykvm._ffi import ffi, lib  # noqa: E402
+from pykvm.constants import ExitReason  # noqa: E402
 from pykvm.exits import Hlt, IoIn, IoOut, MmioRead, MmioWrite, X86Rdmsr, X86Wrmsr  # noqa: E402
-from pykvm.ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError  # noqa: E402
+from pykvm.ioctl import REQUESTS, KvmError, KvmUnavailableError, KvmUnsupportedError  # noqa: E402
 from pykvm.machine import GuestError, Machine, describe_exit  # noqa: E402
 from pykvm.system import Kvm  # noqa: E402
 from pykvm.x86 import layout  # noqa: E402
@@ -60,8 +67,9 @@ MEM_SIZE = layout.MIN_MEM_SIZE  # exit_loop.c maps the same 1 MiB; BENCH_MMIO li
 REPLY = 0x2A  # what reads, RDMSR and the hypercall return (exit_loop.c's REPLY)
 RING_SLOTS = (layout.PAGE_SIZE - 8) // 24  # KVM_COALESCED_MMIO_MAX: 24-byte entries after first, last
 
-VARIANTS = ("c", "bare", "machine")
-VARIANT_NAMES = {"c": "C", "bare": "bare Python", "machine": "Machine"}
+VARIANTS = ("c", "raw", "bare", "machine")
+VARIANT_NAMES = {"c": "C", "raw": "raw cffi", "bare": "bare Python", "machine": "Machine"}
+RATIOS = (("raw", "c"), ("bare", "c"), ("machine", "c"), ("bare", "raw"), ("machine", "raw"))
 
 EXAMPLES = """\
 examples:
@@ -283,6 +291,7 @@ class Kind:
     loop: int  # the guest's loop (layout.BENCH_LOOP_*), in EAX at entry
     setup: Callable[[Machine, Seen], None]  # Python set-up, for both loops
     answer: Callable  # the bare loop's answer: (vcpu, seen) -> (exit -> bool)
+    raw: str  # the raw loop's answer (_raw_loop): what it checks and writes per exit
     c_flags: tuple[str, ...] = ()  # exit_loop.c's set-up flags
     c_counts: tuple[str, ...] = ()  # exit_loop.c's counters that add up to N
     instead_of: str | None = None  # a kind without exits to Python: the kind whose exits it saves
@@ -290,25 +299,25 @@ class Kind:
 
 KINDS = (
     Kind("io_out", "outb to a port", layout.BENCH_LOOP_OUT, lambda m, s: on_bench_port(m, s, reply=False),
-         port_out, c_counts=("io_out",)),
+         port_out, "io_out", c_counts=("io_out",)),
     Kind("io_in", "inb from a port, answered", layout.BENCH_LOOP_IN, lambda m, s: on_bench_port(m, s, reply=True),
-         port_in, c_counts=("io_in",)),
+         port_in, "io_in", c_counts=("io_in",)),
     Kind("mmio_write", "byte write to MMIO", layout.BENCH_LOOP_MMIO_WRITE,
-         lambda m, s: on_bench_mmio(m, s, reply=False), mmio_write, c_counts=("mmio_write",)),
+         lambda m, s: on_bench_mmio(m, s, reply=False), mmio_write, "mmio_write", c_counts=("mmio_write",)),
     Kind("mmio_read", "byte read from MMIO, answered", layout.BENCH_LOOP_MMIO_READ,
-         lambda m, s: on_bench_mmio(m, s, reply=True), mmio_read, c_counts=("mmio_read",)),
-    Kind("msr_read", "rdmsr, emulated (MSR filter)", layout.BENCH_LOOP_RDMSR, on_bench_msr, rdmsr,
+         lambda m, s: on_bench_mmio(m, s, reply=True), mmio_read, "mmio_read", c_counts=("mmio_read",)),
+    Kind("msr_read", "rdmsr, emulated (MSR filter)", layout.BENCH_LOOP_RDMSR, on_bench_msr, rdmsr, "msr_read",
          c_flags=("--msr-filter",), c_counts=("rdmsr",)),
-    Kind("msr_write", "wrmsr, emulated (MSR filter)", layout.BENCH_LOOP_WRMSR, on_bench_msr, wrmsr,
+    Kind("msr_write", "wrmsr, emulated (MSR filter)", layout.BENCH_LOOP_WRMSR, on_bench_msr, wrmsr, "msr_write",
          c_flags=("--msr-filter",), c_counts=("wrmsr",)),
     Kind("hypercall", "hypercall port (GET/SET_REGS)", layout.BENCH_LOOP_HYPERCALL, on_bench_hypercall,
-         hypercall_port, c_counts=("hypercall",)),
+         hypercall_port, "hypercall", c_counts=("hypercall",)),
     Kind("hlt", "hlt (no in-kernel irqchip)", layout.BENCH_LOOP_HLT, lambda m, s: m.on_exit(Hlt, counting(s)),
-         halt, c_counts=("hlt",)),
-    Kind("ioeventfd", "outb answered by an ioeventfd", layout.BENCH_LOOP_OUT, with_ioeventfd, no_exit,
+         halt, "hlt", c_counts=("hlt",)),
+    Kind("ioeventfd", "outb answered by an ioeventfd", layout.BENCH_LOOP_OUT, with_ioeventfd, no_exit, "none",
          c_flags=("--ioeventfd",), c_counts=("eventfd",), instead_of="io_out"),
     Kind("coalesced", "byte write to coalesced MMIO", layout.BENCH_LOOP_MMIO_WRITE, with_coalesced_mmio,
-         ring_then_mmio_write, c_flags=("--coalesced-mmio",), c_counts=("coalesced", "mmio_write"),
+         ring_then_mmio_write, "coalesced", c_flags=("--coalesced-mmio",), c_counts=("coalesced", "mmio_write"),
          instead_of="mmio_write"),
 )
 KIND_NAMES = {kind.name: kind for kind in KINDS}
@@ -407,6 +416,141 @@ def run_bare(kvm: Kvm, image: bytes, kind: Kind, n: int) -> tuple[int, int]:
     return exit_count, elapsed
 
 
+# The raw loop: what any Python loop over KVM_RUN pays, whatever library it uses. KVM_RUN through a
+# cffi pointer to ioctl (fixed three-argument prototype, as pykvm's hot path), the exit reason read
+# as an int through cffi, then per kind the least check and write that answers: no exit value is
+# built and nothing is looked up. Each kind has its own loop, so that no dispatch is measured.
+
+_IOCTL3 = ffi.cast("int(*)(int, unsigned long, unsigned long)", ffi.addressof(lib, "ioctl"))
+_KVM_RUN, _GET_REGS, _SET_REGS = REQUESTS["KVM_RUN"], REQUESTS["KVM_GET_REGS"], REQUESTS["KVM_SET_REGS"]
+_IO, _HLT, _MMIO, _RDMSR, _WRMSR = (int(r) for r in (ExitReason.IO, ExitReason.HLT, ExitReason.MMIO,
+                                                      ExitReason.X86_RDMSR, ExitReason.X86_WRMSR))
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8  # kvm_run.mmio.data, after the 8-byte phys_addr
+
+
+def _raw_loop(how: str, fd: int, run, page: memoryview, ring, n_exits: list[int]) -> int:
+    """One timed raw run; returns the ns from the first KVM_RUN to the exit that is not the kind's
+    (DONE, checked after), and leaves the exits seen and the writes drained in ``n_exits``."""
+    enter, kvm_run = _IOCTL3, _KVM_RUN
+    exits = drained = 0
+    if how in ("io_out", "io_in", "hypercall"):
+        port = layout.HYPERCALL_PORT if how == "hypercall" else layout.BENCH_PORT
+        io = run.io
+    start = time.monotonic_ns()
+    if how == "io_out":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _IO or io.port != port:
+                break
+    elif how == "io_in":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _IO or io.port != port:
+                break
+            page[io.data_offset] = REPLY
+    elif how == "mmio_write":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _MMIO:
+                break
+    elif how == "mmio_read":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _MMIO:
+                break
+            page[_MMIO_DATA] = REPLY
+    elif how == "msr_read":
+        msr = run.msr
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _RDMSR:
+                break
+            msr.data = REPLY  # KVM zeroed msr.error before the exit
+    elif how == "msr_write":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _WRMSR:
+                break
+    elif how == "hypercall":
+        regs = ffi.new("struct kvm_regs *")
+        addr = int(ffi.cast("uintptr_t", regs))
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _IO or io.port != port:
+                break
+            if enter(fd, _GET_REGS, addr) < 0 or regs.rax & 0xFFFFFFFF != layout.BENCH_HYPERCALL:
+                raise BenchFailure("raw loop: KVM_GET_REGS failed or the wrong hypercall")
+            regs.rax = REPLY
+            if enter(fd, _SET_REGS, addr) < 0:
+                raise BenchFailure(f"raw loop: KVM_SET_REGS: errno {ffi.errno}")
+    elif how == "hlt":
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            if run.exit_reason != _HLT:
+                break
+    elif how == "none":
+        if enter(fd, kvm_run, 0) < 0:
+            raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+        exits += 1
+    elif how == "coalesced":
+        if ring is None:
+            raise Unavailable("this KVM maps no coalesced MMIO ring page")
+        while True:
+            if enter(fd, kvm_run, 0) < 0:
+                raise BenchFailure(f"raw loop: KVM_RUN: errno {ffi.errno}")
+            exits += 1
+            first, last = ring.first, ring.last
+            if first != last:
+                drained += (last - first) % RING_SLOTS
+                ring.first = last
+            if run.exit_reason != _MMIO:
+                break
+    else:
+        raise ValueError(f"no raw loop {how!r}")
+    elapsed = time.monotonic_ns() - start
+    n_exits[:] = [exits, drained]
+    return elapsed
+
+
+def run_raw(kvm: Kvm, image: bytes, kind: Kind, n: int) -> tuple[int, int]:
+    """KVM_RUN through cffi and the least answer, with no exit values and no dispatch (the floor)."""
+    seen = Seen()
+    counts = [0, 0]
+    with new_machine(kvm, image, kind, n, seen) as machine:
+        try:
+            vcpu = machine.vcpu
+            run = vcpu.kvm_run
+            elapsed = _raw_loop(kind.raw, vcpu.fileno(), run, memoryview(vcpu._run_map), vcpu.coalesced_ring, counts)
+            exit_count, drained = counts
+            io = run.io
+            call = int.from_bytes(vcpu._run_map[io.data_offset : io.data_offset + 4], "little")
+            status = vcpu.get_regs().rbx & 0xFFFFFFFF
+            if not (run.exit_reason == _IO and io.port == layout.CALL_PORT and call == layout.CALL_DONE
+                    and status == 0):
+                raise BenchFailure(f"{kind.name}: raw loop: the run did not end in DONE(0) (exit reason "
+                                   f"{run.exit_reason}, after {exit_count} exits)")
+        finally:
+            total = seen.total() + drained + (exit_count - 1 if kind.raw not in ("none",) else 0)
+    _check_total("the raw loop", kind, n, total, exit_count)
+    return exit_count, elapsed
+
+
 def run_machine(kvm: Kvm, image: bytes, kind: Kind, n: int) -> tuple[int, int]:
     """Machine.run() with the kind's handlers."""
     seen = Seen()
@@ -435,6 +579,7 @@ def benchmark(kinds: list[Kind], n: int, repeat: int, progress=None) -> dict:
     image = IMAGE.read_bytes()
     runners = {
         "c": lambda kind, count: run_c(kind, count),
+        "raw": lambda kind, count: run_raw(kvm, image, kind, count),
         "bare": lambda kind, count: run_bare(kvm, image, kind, count),
         "machine": lambda kind, count: run_machine(kvm, image, kind, count),
     }
@@ -453,7 +598,7 @@ def benchmark(kinds: list[Kind], n: int, repeat: int, progress=None) -> dict:
         if not kinds:
             raise Unavailable("this host can run none of the chosen kinds: " + "; ".join(skipped.values()))
         for i in range(repeat):
-            order = VARIANTS[i % 3 :] + VARIANTS[: i % 3]  # rotate: no loop always runs first
+            order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]  # rotate: no loop always runs first
             for kind in kinds:
                 for variant in order:
                     if progress is not None:
@@ -496,8 +641,8 @@ def _kind_result(kind: Kind, ns: dict[str, list[float]], exit_counts: dict[str, 
         "min_ns_per_access": {v: round(min(ns[v]), 1) for v in VARIANTS},
         "max_ns_per_access": {v: round(max(ns[v]), 1) for v in VARIANTS},
         "runs_ns_per_access": {v: [round(x, 1) for x in ns[v]] for v in VARIANTS},
-        "ratios": {f"{v}/c": round(medians[v] / medians["c"], 3) for v in ("bare", "machine")},
-        "python_adds_ns": {v: round(medians[v] - medians["c"], 1) for v in ("bare", "machine")},
+        "ratios": {f"{a}/{b}": round(medians[a] / medians[b], 3) for a, b in RATIOS},
+        "python_adds_ns": {v: round(medians[v] - medians["c"], 1) for v in ("raw", "bare", "machine")},
     }
 
 
@@ -526,7 +671,7 @@ def print_tables(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=150)  # piped: room for every column
     table = Table(
         title=f"One exit handled in Python vs in C: {doc['guest']}, N = {doc['iterations']}, "
         f"median of {doc['repeat']}",
@@ -536,15 +681,15 @@ def print_tables(doc: dict) -> None:
     table.add_column("kind")
     for v in VARIANTS:
         table.add_column(f"{VARIANT_NAMES[v]} ns", justify="right")
-    table.add_column("bare/C", justify="right")
-    table.add_column("Machine/C", justify="right")
+    for a, b in RATIOS:
+        table.add_column(f"{VARIANT_NAMES[a].split()[0]}/{VARIANT_NAMES[b].split()[0]}", justify="right")
     table.add_column("exits a run", justify="right")
     rows = list(doc["kinds"].items())
     for i, (name, r) in enumerate(rows):
         last_with_exits = r["exits_to_python"] and i + 1 < len(rows) and not rows[i + 1][1]["exits_to_python"]
         table.add_row(
             name, *(f"{r['ns_per_access'][v]:.0f}" for v in VARIANTS),
-            f"{r['ratios']['bare/c']:.2f}", f"{r['ratios']['machine/c']:.2f}", str(r["exits_per_run"]["c"]),
+            *(f"{r['ratios'][f'{a}/{b}']:.2f}" for a, b in RATIOS), str(r["exits_per_run"]["c"]),
             end_section=last_with_exits,
         )
     console.print(table)
