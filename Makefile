@@ -25,7 +25,7 @@ test: DEPS_PROFILE = test
 system-deps:
 	@PYTHON=$(PYTHON) scripts/system-deps $(DEPS_PROFILE)
 
-$(STAMP): pyproject.toml | system-deps
+$(STAMP): pyproject.toml setup.py | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
