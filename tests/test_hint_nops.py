@@ -70,9 +70,12 @@ def test_fwait_is_stepped_over_unless_it_must_fault(kvm_machine):
 
 
 @pytest.mark.kvm
-def test_int3_raises_a_breakpoint_trap(kvm_machine):
+def test_int3_raises_a_breakpoint_trap(kvm_machine, backend):
     from pykvm.machine import GuestException
 
+    if backend != "kvm_pvm":
+        pytest.skip(f"{backend} runs INT3 itself (the next test); complete_int3 is for kvm_pvm's emulator, "
+                    "and VMX/SVM KVM would inject a #BP from user space as a soft exception at the INT3")
     m = kvm_machine("long")
     rip = m.vcpu.get_regs().rip
     assert not m.complete_int3(failure(b"\x0f\x0b"), m.vcpu)  # only INT3

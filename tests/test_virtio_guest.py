@@ -141,7 +141,9 @@ def test_blk_reads_writes_flushes_and_the_image_holds_exactly_what_was_written(k
     for s in (*WRITTEN, 12):
         assert sector(after, s) == pattern(s), f"sector {s}"
     c = counts(text, "blk")
-    assert c["used"] == 13 and c["interrupts"] > 0 and c["woken"] > 0 and c["polled"] > 0
+    # every used buffer found, by a poll or after its interrupt; how many polls succeed depends on the
+    # host's speed (300 spins: on kvm_amd under QEMU TCG the device is often slower than that)
+    assert c["used"] == 13 and c["interrupts"] > 0 and c["woken"] > 0 and c["polled"] + c["woken"] == 13
     stats = run.stats[0]
     assert_notifies_stayed_in_the_kernel(stats)
     assert stats["notifies (ioeventfd)"] == c["notifies"]
