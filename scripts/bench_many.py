@@ -313,11 +313,11 @@ def benchmark(kinds: list[str], modes: list[str], guests: int, workers: int, rep
             rows = {}
             for mode in modes:
                 med = statistics.median(seconds[kind][ncores][mode])
-                rows[mode] = {"guests_per_s": round(guests / med, 1), "median_s": round(med, 4),
+                rows[mode] = {"guests_per_s": round(guests / med, 4), "median_s": round(med, 4),
                               "runs_s": [round(s, 4) for s in seconds[kind][ncores][mode]]}
                 if spans[kind][ncores][mode]:  # pytest: the rate inside the tests, and what came around them
                     span = statistics.median(spans[kind][ncores][mode])
-                    rows[mode]["in_tests_guests_per_s"] = round(guests / span, 1)
+                    rows[mode]["in_tests_guests_per_s"] = round(guests / span, 4)
                     rows[mode]["outside_tests_s"] = round(statistics.median(
                         w - t for w, t in zip(seconds[kind][ncores][mode], spans[kind][ncores][mode])), 3)
             if "serial" in rows:
