@@ -244,6 +244,23 @@ def build() -> None:
         raise BenchFailure("building the guests failed")
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(host busy CPU seconds from /proc/stat, this process's and its waited-for children's CPU
+    seconds, monotonic time): the difference of two samples says how much the others used."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    t = os.times()
+    return (busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system,
+            time.monotonic())
+
+
+def others_busy(before, after) -> float:
+    """Cores' worth of CPU that other processes on the host used between two samples (0 = idle)."""
+    host, own, wall = (a - b for a, b in zip(after, before))
+    return max(0.0, (host - own) / wall) if wall > 0 else 0.0
+
+
 def core_sets() -> dict[int, set[int]]:
     """{1: one core, 2: two cores} from the cores this process may use (2 missing on a 1-core host)."""
     usable = sorted(os.sched_getaffinity(0))
@@ -261,6 +278,7 @@ def benchmark(kinds: list[str], modes: list[str], guests: int, workers: int, rep
     original = os.sched_getaffinity(0)
     cores = core_sets()
     load_before = os.getloadavg()
+    cpu_before = _cpu_seconds()
     seconds: dict[str, dict[int, dict[str, list[float]]]] = {
         k: {c: {m: [] for m in modes} for c in cores} for k in kinds}
     spans: dict[str, dict[int, dict[str, list[float]]]] = {
@@ -305,6 +323,7 @@ def benchmark(kinds: list[str], modes: list[str], guests: int, workers: int, rep
         os.sched_setaffinity(0, original)
         kvm.close()
     load_after = os.getloadavg()
+    others = others_busy(cpu_before, _cpu_seconds())
 
     results: dict = {}
     for kind in kinds:
@@ -344,6 +363,8 @@ def benchmark(kinds: list[str], modes: list[str], guests: int, workers: int, rep
         "python": platform.python_version(),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in load_after],
+        "others_cores_busy": round(others, 2),
+        "host_cpus": os.cpu_count(),
         "pool_start_s": pool_start,
         "serial_ms_per_guest": serial_guest_ms,
         "results": results,
@@ -411,7 +432,8 @@ def print_tables(doc: dict) -> None:
     if doc["pool_start_s"]:
         console.print("process pool start-up (not in the rates): " + ", ".join(
             f"{s * 1000:.0f} ms ({n} core{'s' if n > 1 else ''})" for n, s in doc["pool_start_s"].items()))
-    console.print(f"load average before {doc['load_before']}, after {doc['load_after']}")
+    console.print(f"load average before {doc['load_before']}, after {doc['load_after']}; other processes kept "
+                  f"{doc['others_cores_busy']:.2f} of the host's {doc['host_cpus']} CPUs busy during the runs")
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -446,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"guest kinds (default: all): {', '.join(KINDS)}")
     parser.add_argument("--modes", "-m", type=_names(MODES, "mode"), default=list(MODES), metavar="A,B",
                         help=f"ways to run them (default: all): {', '.join(MODES)}")
-    parser.add_argument("--compute-iterations", type=_count, default=20_000_000, metavar="N",
-                        help="CPL3 loop iterations of a compute guest (default: 20000000, about 15 ms here)")
-    parser.add_argument("--exit-iterations", type=_count, default=1000, metavar="N",
-                        help="exits of an exits guest (default: 1000)")
+    parser.add_argument("--compute-iterations", type=_count, default=100_000_000, metavar="N",
+                        help="CPL3 loop iterations of a compute guest (default: 100000000, about 50 ms here)")
+    parser.add_argument("--exit-iterations", type=_count, default=2000, metavar="N",
+                        help="exits of an exits guest (default: 2000, about 25 ms here)")
     parser.add_argument("--json", action="store_true", help="write one JSON document to stdout")
     return parser
 
