@@ -165,3 +165,17 @@ def ioctl_run(fd: int) -> int:
             return -err
         raise KvmError(err, "KVM_RUN")
     return ret
+
+
+#: For a run loop that inlines :func:`ioctl_run` (one Python call less per exit): call
+#: ``KVM_RUN_CALL(fd, KVM_RUN, 0)`` and, when it returns a negative value, :func:`run_error` at once
+#: (before any other cffi call in the thread, which would replace the errno cffi saved).
+KVM_RUN_CALL = _ioctl3
+
+
+def run_error() -> int:
+    """After ``KVM_RUN_CALL`` failed: ``-errno`` for EINTR/EAGAIN (a kicked vCPU); else raises KvmError."""
+    err = ffi.errno
+    if err in (_errno.EINTR, _errno.EAGAIN):
+        return -err
+    raise KvmError(err, "KVM_RUN")
