@@ -1,22 +1,26 @@
-"""The ``pykvm`` command line: ``pykvm run``, ``probe``, ``compare``, ``tlb`` and ``nested``."""
+"""The ``pykvm`` command line: ``pykvm run``, ``probe``, ``compare``, ``tlb`` and ``nested``.
+
+Start-up matters here (``pykvm run`` of a small guest is over in milliseconds), so this module imports
+only what every command needs; each command imports what it uses when it runs, and :func:`main`
+builds the parser of the one subcommand it was given (``tests/test_startup.py`` checks which modules a
+``pykvm run`` of the default guest imports).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import threading
-import time
+from typing import TYPE_CHECKING
 
-from . import argtypes, exits
+from . import argtypes
 from . import status as st
-from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
 from .ioctl import KvmError, KvmUnavailableError, KvmUnsupportedError
-from .loaders import detect_image
-from .machine import GuestError, Machine, Outcome, describe_exit
-from .x86 import layout
-from .x86.modes import Mode
+
+if TYPE_CHECKING:
+    from . import exits
+    from .machine import GuestError, Machine, Outcome
+    from .x86.modes import Mode
 
 # The statuses of pykvm/status.py (one table for every command); EXIT_FAILURE is a command's own
 # "it ran, and the answer is no" (pykvm nested: the run differed from the prediction).
@@ -76,11 +80,24 @@ parse_addr = argtypes.number(int, minimum=0, what="an address (examples: 0x1000,
 parse_timeout = argtypes.number(float, minimum=1e-3, what="a number of seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``pykvm`` parser; with ``command`` (a subcommand's name), only that subcommand's parser is
+    added, so that the modules the others are defined in are not imported."""
     parser = Parser(prog="pykvm", description="A thin hypervisor driver over /dev/kvm.",
                     epilog=STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for name, add in SUBCOMMANDS.items():
+        if command is None or name == command:
+            add(sub)
+    return parser
+
+
+def _add_run(sub) -> None:
+    from .images import DEFAULT_GUEST
+    from .x86 import layout
+    from .x86.modes import Mode
+
     run = sub.add_parser(
         "run",
         help="run a guest image (flat, ELF or multiboot)",
@@ -131,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit counts and times per exit kind and device, and KVM's own counters")
     run.set_defaults(func=cmd_run)
 
+
+def _add_probe(sub) -> None:
     probe = sub.add_parser(
         "probe",
         help="what this host's VT-x / AMD-V and KVM can do",
@@ -147,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode a raw CPUID/MSR dump of another machine (AIDA64 text or `cpuid -r`)")
     probe.set_defaults(func=cmd_probe)
 
+
+def _add_compare(sub) -> None:
     compare = sub.add_parser(
         "compare",
         help="Intel VT-x and AMD-V side by side, marked with what this host supports",
@@ -160,16 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--from-dump", metavar="FILE", help="mark the rows for a dumped machine instead")
     compare.set_defaults(func=cmd_compare)
 
+
+def _add_tlb(sub) -> None:
     from .model import tlbcmd
 
     tlbcmd.add_parser(sub)
+
+
+def _add_nested(sub) -> None:
     from .nested import cli as nested_cli
 
     nested_cli.add_parser(sub)
+
+
+def _add_boot(sub) -> None:
     from . import boot
 
     boot.add_parser(sub)
-    return parser
+
+
+#: Each subcommand and what adds its parser, in the order ``pykvm --help`` lists them.
+SUBCOMMANDS = {"run": _add_run, "probe": _add_probe, "compare": _add_compare, "tlb": _add_tlb,
+               "nested": _add_nested, "boot": _add_boot}
 
 
 def _error(message: str) -> None:
@@ -178,6 +211,8 @@ def _error(message: str) -> None:
 
 def _run_document(args, image: str, mode: Mode | None, outcome: Outcome | None, machine: Machine | None,
                   error: GuestError | None) -> dict:
+    from .machine import describe_exit
+
     doc: dict = {"image": image, "mode": mode.value if mode else None, "mem": args.mem}
     if machine is not None:
         doc["console"] = machine.console_output.decode("utf-8", "replace")
@@ -202,6 +237,8 @@ def _run_document(args, image: str, mode: Mode | None, outcome: Outcome | None, 
 
 
 def _trace(exit: exits.Exit, counter=[0]) -> None:  # noqa: B006 - a per-process exit counter
+    from .machine import describe_exit
+
     counter[0] += 1
     print(f"exit {counter[0]}: {describe_exit(exit)}", file=sys.stderr)
 
@@ -220,6 +257,9 @@ def _serial_stream(spec: str):
 
 def _feed_stdin(uart) -> None:
     """Copy the user's terminal (stdin) into the UART's receiver, waiting for room (a daemon thread)."""
+    import threading
+    import time
+
     def pump():
         while True:
             try:
@@ -239,6 +279,8 @@ def _feed_stdin(uart) -> None:
 
 def _read_modules(specs: list[str]) -> list[tuple[str, bytes, str]]:
     """--module 'FILE [ARGS]' -> (path, bytes, args)."""
+    from .images import read_image
+
     modules = []
     for spec in specs:
         path, _, margs = spec.partition(" ")
@@ -348,6 +390,14 @@ def _gdb_server(args, machine: Machine):
 
 
 def cmd_run(args) -> int:
+    import json
+
+    from .images import DEFAULT_GUEST, ImageError, guest_image, read_image
+    from .loaders import detect_image
+    from .machine import GuestError, Machine
+    from .x86 import layout
+    from .x86.modes import Mode
+
     path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
     mode = args.mode or ("real" if path.endswith("_real.bin") else None)
     if args.gdb and (args.trace or args.trace_range or args.trace_count or args.trace_file):
@@ -445,7 +495,6 @@ def _probe(from_dump: str | None):
 
 
 def cmd_probe(args) -> int:
-    from .probe.render import print_report
     from .probe.report import SECTIONS
 
     sections = SECTIONS if args.section == "all" else (args.section,)
@@ -453,15 +502,18 @@ def cmd_probe(args) -> int:
     if report is None:
         return EXIT_USAGE
     if args.json:
+        import json
+
         print(json.dumps(report.to_json(sections), indent=2))
     else:
+        from .probe.render import print_report  # rich: only for the tables
+
         print_report(report, sections)
     return report.verdict.exit_code
 
 
 def cmd_compare(args) -> int:
     from .probe.compare import compare, detect_iommu
-    from .probe.render import print_comparison
 
     report = _probe(args.from_dump)
     if report is None:
@@ -469,8 +521,12 @@ def cmd_compare(args) -> int:
     iommu = detect_iommu() if args.from_dump is None else None
     comparison = compare(report.cpu, report.best_vmx, report.svm, iommu)
     if args.json:
+        import json
+
         print(json.dumps({"origin": report.origin, **comparison.to_json()}, indent=2))
     else:
+        from .probe.render import print_comparison  # rich: only for the tables
+
         print_comparison(comparison, "this host" if args.from_dump is None else args.from_dump)
     return EXIT_OK
 
@@ -481,6 +537,8 @@ def _fail(args, error: BaseException, message: str, code: int, *, details: dict 
     (``details`` go into its "error" object, ``extra`` beside it)."""
     _error(message)
     if getattr(args, "json", False):
+        import json
+
         doc = {"result": "error", "status": code,
                "error": {"kind": type(error).__name__, "message": message, **(details or {})},
                **(extra or {})}  # fmt: skip
@@ -489,7 +547,9 @@ def _fail(args, error: BaseException, message: str, code: int, *, details: dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the named subcommand's parser (anything else, --help included, gets the whole parser).
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -9,10 +9,21 @@ import threading
 from . import exits
 from ._fd import FdObject
 from ._ffi import ffi
-from .constants import GUESTDBG_ENABLE, Cap
-from .ioctl import ioctl_run
+from .constants import EXIT_IO_OUT, GUESTDBG_ENABLE, Cap, ExitReason
+from .ioctl import KVM_RUN, KVM_RUN_CALL, run_error
 from .system import CpuidEntry, cpuid_list, msrs_struct
 from .vm import enable_cap_struct
+
+_get_ident = threading.get_ident
+_DECODERS, _decode_unknown, _INTR = exits.DECODERS, exits.decode_unknown, exits.Intr()
+_EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
+_EXIT_RDMSR, _EXIT_WRMSR = int(ExitReason.X86_RDMSR), int(ExitReason.X86_WRMSR)
+_IO_UNPACK, _IO_OFFSET = exits.IO_STRUCT.unpack_from, exits.IO_OFFSET
+_MMIO_UNPACK, _MMIO_OFFSET, _MMIO_DATA = exits.MMIO_STRUCT.unpack_from, exits.MMIO_OFFSET, exits.MMIO_DATA
+_MSR_UNPACK, _MSR_OFFSET = exits.MSR_STRUCT.unpack_from, exits.MSR_OFFSET
+_io_exit, _mmio_exit, _msr_exit = exits.io_exit, exits.mmio_exit, exits.msr_exit
+#: Exit values a vCPU keeps for reuse, per kind (then it starts again: a guest cannot grow them).
+EXIT_CACHE_SIZE = 512
 
 COALESCED_MMIO_PAGE_OFFSET = 2  # <asm/kvm.h> KVM_COALESCED_MMIO_PAGE_OFFSET: pages into the vCPU mmap
 
@@ -52,6 +63,13 @@ class Vcpu(FdObject):
             if len(self._page) >= ring_at + mmap.PAGESIZE else None
         )
         self._thread: int | None = None
+        # Exit values are frozen: the same access (port, size, count, data written; gpa, length;
+        # MSR) gives an equal value, so run() hands out the one it made before, keyed by the raw
+        # fields, instead of building a new one per exit (the views of reads point at the same
+        # bytes of the kvm_run page). On kvm_pvm this saves about 1.5 us of an exit's ~10.
+        self._io_exits: dict = {}
+        self._mmio_exits: dict = {}
+        self._msr_exits: dict = {}
         _install_kick_handler()
 
     def __repr__(self) -> str:
@@ -63,14 +81,61 @@ class Vcpu(FdObject):
 
         A kick (:meth:`kick`) or a signal ends the call with :class:`pykvm.exits.Intr`.
         """
-        self._thread = threading.get_ident()
+        # The hot path: ioctl_run and exits.decode inlined (each call saved is measurable on kvm_pvm).
+        self._thread = _get_ident()
         try:
-            if ioctl_run(self._fd) < 0:
-                self.kvm_run.immediate_exit = 0
-                return exits.Intr()
+            interrupted = KVM_RUN_CALL(self._fd, KVM_RUN, 0) < 0 and run_error() < 0
         finally:
             self._thread = None
-        return exits.decode(self.kvm_run, self._page)
+        run = self.kvm_run
+        if interrupted:
+            run.immediate_exit = 0
+            return _INTR
+        reason = run.exit_reason
+        if reason == _EXIT_IO:
+            key = _IO_UNPACK(self._page, _IO_OFFSET)  # direction, size, port, count, data_offset
+            if key[0] == EXIT_IO_OUT:
+                key = (key, self._run_map[key[4] : key[4] + key[1] * key[3]])  # the bytes written
+            exit = self._io_exits.get(key)
+            if exit is None:
+                exit = self._remember(self._io_exits, key, self._new_io(key))
+            return exit
+        if reason == _EXIT_MMIO:
+            key = _MMIO_UNPACK(self._page, _MMIO_OFFSET)  # gpa, len, is_write
+            if key[2]:
+                key = (key, self._run_map[_MMIO_DATA : _MMIO_DATA + key[1]])
+            exit = self._mmio_exits.get(key)
+            if exit is None:
+                exit = self._remember(self._mmio_exits, key, self._new_mmio(key))
+            return exit
+        if reason == _EXIT_RDMSR or reason == _EXIT_WRMSR:
+            key = (reason, _MSR_UNPACK(self._page, _MSR_OFFSET))  # reason, index, data
+            exit = self._msr_exits.get(key)
+            if exit is None:
+                exit = self._remember(self._msr_exits, key, _msr_exit(reason, *key[1]))
+            return exit
+        return _DECODERS.get(reason, _decode_unknown)(run, self._page)
+
+    @staticmethod
+    def _remember(cache: dict, key, exit):
+        if len(cache) >= EXIT_CACHE_SIZE:
+            cache.clear()
+        cache[key] = exit
+        return exit
+
+    def _new_io(self, key):
+        if len(key) == 2:  # a write: (fields, data)
+            (direction, size, port, count, _), data = key
+            return _io_exit(direction, size, port, count, data)
+        direction, size, port, count, start = key
+        return _io_exit(direction, size, port, count, self._page[start : start + size * count])
+
+    def _new_mmio(self, key):
+        if len(key) == 2:
+            (gpa, _, _), data = key
+            return _mmio_exit(gpa, 1, data)
+        gpa, size, _ = key
+        return _mmio_exit(gpa, 0, self._page[_MMIO_DATA : _MMIO_DATA + size])
 
     def kick(self) -> None:
         """Make the thread in (or about to enter) :meth:`run` return ``Intr`` soon. Thread-safe."""
@@ -252,6 +317,8 @@ class Vcpu(FdObject):
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the fd. Idempotent."""
         run_map = getattr(self, "_run_map", None)
+        for cache in (getattr(self, "_io_exits", {}), getattr(self, "_mmio_exits", {}), getattr(self, "_msr_exits", {})):
+            cache.clear()  # their views of reads would hold the mapping
         if run_map is not None and not run_map.closed:
             ffi.release(self.kvm_run)
             if self.coalesced_ring is not None:

@@ -146,3 +146,20 @@ def test_every_x86_exit_reason_has_a_decoder():
 def test_exits_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         exits.Hypercall(1, (), False).nr = 2
+
+
+def test_hot_builders_make_the_same_values():
+    """io_exit / mmio_exit / msr_exit (what Vcpu.run builds with) equal the classes' own constructors."""
+    view = memoryview(bytearray(4))
+    out = exits.io_exit(EXIT_IO_OUT, 1, 0xE9, 1, b"A")
+    assert out == exits.IoOut(0xE9, 1, 1, b"A") and repr(out) == repr(exits.IoOut(0xE9, 1, 1, b"A"))
+    assert hash(out) == hash(exits.IoOut(0xE9, 1, 1, b"A"))
+    assert exits.io_exit(EXIT_IO_IN, 4, 0x600, 1, view) == exits.IoIn(0x600, 4, 1, view)
+    assert exits.mmio_exit(0xD0000000, 1, b"\x01\x02") == exits.MmioWrite(0xD0000000, b"\x01\x02")
+    read = exits.mmio_exit(0xD0000000, 0, view[:2])
+    assert type(read) is exits.MmioRead and read.size == 2
+    assert exits.msr_exit(ExitReason.X86_RDMSR, 4, 0x1B, 0) == exits.X86Rdmsr(0x1B, 4)
+    assert exits.msr_exit(ExitReason.X86_WRMSR, 4, 0x1B, 7) == exits.X86Wrmsr(0x1B, 4, 7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.port = 0x80
+    assert [f.name for f in dataclasses.fields(out)] == ["port", "size", "count", "data"]

@@ -184,3 +184,16 @@ def test_a_coalesced_write_can_end_the_run_or_raise(guest):
         m.load_flat(guest("coalesced"), "long")
         with pytest.raises(HandlerError, match=r"the handler for MmioWrite\(gpa=0xd0000000, data=01000000\) raised"):
             m.run(timeout=10)
+
+
+def test_exits_are_counted_always_and_timed_only_when_asked(guest):
+    """Machine.stats counts every exit; seconds stay 0 unless time_exits (pykvm run --stats) is on."""
+    for timed in (False, True):
+        with Machine() as m:
+            m.time_exits = timed
+            m.load_flat(guest("hello_real"), "real")
+            outcome = m.run(timeout=20)
+        text = b"Hello from real mode\n"
+        assert outcome.ok and m.console_output == text
+        assert m.stats.count["console 0xe9"] == len(text) and outcome.exits == m.exit_count
+        assert (m.stats.seconds["console 0xe9"] > 0) is timed

@@ -11,6 +11,7 @@ from bisect import bisect_right
 from typing import Callable, NamedTuple
 
 Handler = Callable[..., object]
+MMIO_HITS = 4096  # MMIO addresses the bus remembers the route of
 
 
 class Route(NamedTuple):
@@ -41,6 +42,9 @@ class Bus:
         self._ports: dict[int, Route] = {}
         self._mmio: list[Route] = []  # sorted by start
         self._mmio_starts: list[int] = []
+        #: gpa -> Route of the MMIO addresses looked up so far (a run loop reads it first); emptied
+        #: in place whenever an MMIO range is added or removed.
+        self._mmio_hits: dict[int, Route] = {}
 
     def add_port(self, port: int, handler: Handler, count: int = 1, name: str | None = None) -> None:
         """Route ports [port, port + count) to ``handler``."""
@@ -64,6 +68,7 @@ class Bus:
         self._mmio.append(route)
         self._mmio.sort(key=lambda r: r.start)
         self._mmio_starts = [r.start for r in self._mmio]
+        self._mmio_hits.clear()
 
     def remove_port(self, port: int, count: int = 1) -> None:
         """Drop the route registered for exactly ports [port, port + count) (a PCI I/O BAR moving)."""
@@ -79,6 +84,7 @@ class Bus:
             if route.start == gpa and route.size == size:
                 del self._mmio[i]
                 del self._mmio_starts[i]
+                self._mmio_hits.clear()
                 return
         raise ValueError(f"no MMIO route is registered for {gpa:#x}+{size:#x}")
 
@@ -88,7 +94,11 @@ class Bus:
     def mmio_route(self, gpa: int) -> Route | None:
         i = bisect_right(self._mmio_starts, gpa) - 1
         if i >= 0 and gpa < self._mmio[i].start + self._mmio[i].size:
-            return self._mmio[i]
+            route = self._mmio[i]
+            if len(self._mmio_hits) >= MMIO_HITS:
+                self._mmio_hits.clear()  # a guest scanning a large window (PCI ECAM) cannot grow it
+            self._mmio_hits[gpa] = route
+            return route
         return None
 
     def port_handler(self, port: int) -> Handler | None:

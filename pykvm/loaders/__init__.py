@@ -10,50 +10,40 @@
 
 Flat images need no loader: :meth:`pykvm.machine.Machine.load_flat`. Every error is a
 :class:`pykvm.images.ImageError` subclass whose message names the image and the problem.
+
+The names below are imported from their submodule when first used (PEP 562), so that running a
+flat image does not import the Linux loader and telling formats apart does not import pyelftools.
 """
 
-from .detect import FORMATS, detect_image
-from .elf import ElfError, ElfImage, Range, Segment, load_elf, parse_elf, system_ranges
-from .linux import (
-    BootParams,
-    E820Entry,
-    LinuxBoot,
-    LinuxBootError,
-    LinuxKernel,
-    SetupHeader,
-    StartInfo,
-    Vmlinux,
-    boot_params_view,
-    build_zero_page,
-    bzimage_payload,
-    detect_compression,
-    e820_map,
-    load_linux,
-    parse_bzimage,
-    parse_vmlinux,
-    setup_linux,
-    start_info_view,
-)
-from .multiboot import (
-    BOOTLOADER_MAGIC,
-    BootInfo,
-    LoadedModule,
-    MmapEntry,
-    Module,
-    MultibootError,
-    MultibootHeader,
-    find_header,
-    load_multiboot,
-    memory_map,
-    setup_multiboot,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMATS", "detect_image",
-    "ElfError", "ElfImage", "Range", "Segment", "load_elf", "parse_elf", "system_ranges",
-    "BOOTLOADER_MAGIC", "BootInfo", "LoadedModule", "MmapEntry", "Module", "MultibootError",
-    "MultibootHeader", "find_header", "load_multiboot", "memory_map", "setup_multiboot",
-    "BootParams", "E820Entry", "LinuxBoot", "LinuxBootError", "LinuxKernel", "SetupHeader", "StartInfo",
-    "Vmlinux", "boot_params_view", "build_zero_page", "bzimage_payload", "detect_compression", "e820_map",
-    "load_linux", "parse_bzimage", "parse_vmlinux", "setup_linux", "start_info_view",
-]
+import importlib
+
+#: Each submodule and the names this package takes from it.
+_EXPORTS = {
+    "detect": ("FORMATS", "detect_image"),
+    "elf": ("ElfError", "ElfImage", "Range", "Segment", "load_elf", "parse_elf", "system_ranges"),
+    "multiboot": ("BOOTLOADER_MAGIC", "BootInfo", "LoadedModule", "MmapEntry", "Module", "MultibootError",
+                  "MultibootHeader", "find_header", "load_multiboot", "memory_map", "setup_multiboot"),
+    "linux": ("BootParams", "E820Entry", "LinuxBoot", "LinuxBootError", "LinuxKernel", "SetupHeader", "StartInfo",
+              "Vmlinux", "boot_params_view", "build_zero_page", "bzimage_payload", "detect_compression", "e820_map",
+              "load_linux", "parse_bzimage", "parse_vmlinux", "setup_linux", "start_info_view"),
+}
+_SUBMODULE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_SUBMODULE)
+
+
+def __getattr__(name: str):
+    module = _SUBMODULE.get(name)
+    if module is None:
+        if name in _EXPORTS:  # a submodule not imported yet (pykvm.loaders.elf)
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # the next lookup is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_EXPORTS))

@@ -22,9 +22,6 @@ import io
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
-from elftools.common.exceptions import ELFError, ELFParseError
-from elftools.elf.elffile import ELFFile
-
 from ..images import ImageError
 from ..x86 import layout
 
@@ -208,6 +205,9 @@ def _check_ident(data: bytes, name: str) -> int:
 
 def parse_elf(data: bytes, *, name: str = "image") -> ElfLayout:
     """Check an x86 ELF executable and return its load layout; raises :class:`ElfError`."""
+    from elftools.common.exceptions import ELFError, ELFParseError  # here: only an ELF image pays for pyelftools
+    from elftools.elf.elffile import ELFFile
+
     data = bytes(data)
     klass = _check_ident(data, name)
     try:
