@@ -1,10 +1,7 @@
 """KVM ioctl request numbers and the one function that issues an ioctl.
 
-Request numbers are computed from the sizes cffi gives for the structures in ``cdefs/`` (the
-``_IOC`` encoding of <asm-generic/ioctl.h>, as :mod:`ioctl_opt` computes it: ``tests/test_ioctl_numbers.py``
-checks every request against ``ioctl_opt.IOC``, which is not imported here because it imports ctypes,
-a millisecond of every start-up), so a wrong declaration changes the number and
-``tests/test_layout.py`` catches it.
+Request numbers are computed with :mod:`ioctl_opt` from the sizes cffi gives for the structures in
+``cdefs/``, so a wrong declaration changes the number and ``tests/test_layout.py`` catches it.
 The call goes through cffi (never ``fcntl.ioctl``, which caps buffers at 1024 bytes and parses an
 integer argument as a C int), and ``errno`` is read straight after it.
 """
@@ -14,20 +11,11 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
+
 from ._ffi import ffi, lib
 
 KVMIO = 0xAE
-
-# <asm-generic/ioctl.h>: nr in bits 0-7, type in 8-15, size in 16-29, direction in 30-31.
-IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
-_IOC_SIZEMASK = (1 << 14) - 1
-
-
-def IOC(direction: int, type: int, nr: int, size: int) -> int:  # noqa: N802 - the C macro's name, as ioctl_opt's
-    """``_IOC(dir, type, nr, size)``: one ioctl request number."""
-    if not (0 <= direction <= 3 and 0 <= type <= 0xFF and 0 <= nr <= 0xFF and 0 <= size <= _IOC_SIZEMASK):
-        raise ValueError(f"_IOC({direction}, {type:#x}, {nr:#x}, {size}): a field is out of range")
-    return direction << 30 | size << 16 | type << 8 | nr
 
 
 def _io(nr: int) -> int:

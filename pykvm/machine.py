@@ -36,7 +36,7 @@ from .devices.debugcon import DebugConsole
 from .devices.ioapic import PINS as IOAPIC_PINS
 from .devices.ioapic import Ioapic
 from .ioctl import KvmError, KvmUnsupportedError
-from .stats import read_stats_of
+from .stats import Counters
 from .report import CpuState, decode, read_virtual, read_virtual_cstring
 from .system import Kvm
 from .x86 import layout
@@ -227,6 +227,8 @@ class Machine:
         #: Time each exit's handling into :attr:`stats` (two clock reads an exit; off by default).
         self.time_exits = False
         self.kvm_stats: dict[str, int] = {}
+        self._counters: list[Counters] | None = None  # the stats fds, opened by the first run
+        self._counters_offered: bool | None = None  # False once KVM_GET_STATS_FD failed
         self.bus = Bus()
         self._devices: list = []
         self.bus.add_port(layout.CONSOLE_PORT, self.debugcon.io, name="console")
@@ -260,6 +262,8 @@ class Machine:
             closer = getattr(device, "close", None)
             if closer is not None:
                 closer()  # devices with timer threads (the RTC, the ACPI PM timer) stop them
+        if getattr(self, "_counters", None):
+            self._close_counters()
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._own_kvm and getattr(self, "kvm", None) is not None:
@@ -929,16 +933,30 @@ class Machine:
         return sum(n for key, n in self.stats.count.items() if not key.endswith(COALESCED))
 
     def _kvm_counters(self) -> dict[str, int]:
-        """KVM's cumulative statistics summed over the VM and its vCPUs (empty if unsupported)."""
+        """KVM's cumulative statistics summed over the VM and its vCPUs (empty if unsupported). The
+        stats fds are opened at the first call and kept until :meth:`close`."""
         totals: dict[str, int] = defaultdict(int)
+        if self._counters_offered is False:
+            return {}
         try:
-            for obj in (self.vm, *self.vcpus):
-                for d in read_stats_of(obj).descriptors:
-                    if d.type == "cumulative" and d.size == 1:
-                        totals[d.name] += d.value
-        except (KvmError, OSError):
+            if self._counters is None or len(self._counters) != 1 + len(self.vcpus):
+                self._close_counters()
+                self._counters = []
+                for obj in (self.vm, *self.vcpus):
+                    self._counters.append(Counters(obj))
+            for counters in self._counters:
+                for name, value in counters.read().items():
+                    totals[name] += value
+        except (KvmError, OSError, ValueError):
+            self._close_counters()
+            self._counters_offered = False  # not asked again
             return {}
         return dict(totals)
+
+    def _close_counters(self) -> None:
+        for counters in self._counters or ():
+            counters.close()
+        self._counters = None
 
 
 RFLAGS_AC = 1 << 18

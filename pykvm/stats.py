@@ -8,6 +8,7 @@ The file a stats fd reads is a ``struct kvm_stats_header``, ``num_desc`` descrip
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -123,3 +124,58 @@ def read_stats_of(obj) -> Stats:
     """The statistics of a ``Vm`` or ``Vcpu`` (its stats fd is opened and closed here)."""
     with open(obj.get_stats_fd(), "rb", buffering=0) as f:
         return read_stats(f.fileno())
+
+
+_HEADER = struct.Struct("<6I")  # struct kvm_stats_header: flags, name_size, num_desc, id/desc/data offsets
+_DESC = struct.Struct("<IhHII")  # struct kvm_stats_desc before its name: flags, exponent, size, offset, bucket_size
+_CUMULATIVE = 0
+
+#: (name_size, descriptor block) -> (data block size, ((name, u64 index), ...)): every vCPU of a
+#: host, and every VM, has the same schema, so a new Machine's counters cost no parse.
+_SCHEMAS: dict[tuple[int, bytes], tuple[int, tuple[tuple[str, int], ...]]] = {}
+
+
+def _counter_schema(name_size: int, block: bytes, num_desc: int) -> tuple[int, tuple[tuple[str, int], ...]]:
+    key = (name_size, block)
+    schema = _SCHEMAS.get(key)
+    if schema is None:
+        stride = _DESC.size + name_size
+        data_size, counters = 0, []
+        for n in range(num_desc):
+            flags, _exponent, size, offset, _bucket = _DESC.unpack_from(block, n * stride)
+            data_size = max(data_size, offset + 8 * size)
+            if (flags >> _TYPE_SHIFT) & 0xF == _CUMULATIVE and size == 1 and offset % 8 == 0:
+                name = _text(block[n * stride + _DESC.size : (n + 1) * stride])
+                counters.append((name, offset // 8))
+        schema = _SCHEMAS[key] = (data_size, tuple(counters))
+    return schema
+
+
+class Counters:
+    """The cumulative scalar statistics of a ``Vm`` or ``Vcpu`` (``halt_exits``, ``irq_injections``,
+    ...), read often and cheaply: the stats fd is opened once and kept, the schema parsed once per
+    distinct schema, and each :meth:`read` is one pread of the data block. :func:`read_stats_of`
+    gives everything else (histograms, units, the id)."""
+
+    def __init__(self, obj) -> None:
+        self.fd = obj.get_stats_fd()
+        try:
+            _flags, name_size, num_desc, _id, desc_offset, self._data_offset = _HEADER.unpack(
+                _pread_exact(self.fd, _HEADER.size, 0))
+            block = _pread_exact(self.fd, num_desc * (_DESC.size + name_size), desc_offset)
+            self._data_size, self._counters = _counter_schema(name_size, block, num_desc)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self) -> dict[str, int]:
+        """Each counter's value now."""
+        if not self._data_size:
+            return {}
+        values = memoryview(_pread_exact(self.fd, self._data_size, self._data_offset)).cast("Q")
+        return {name: values[i] for name, i in self._counters}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -240,3 +240,50 @@ def test_the_console_finds_the_ready_line_and_soft_lockups(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "random noise" not in err and "kvm ready" not in err
     assert err.count("soft lockup") == 2
+
+
+def test_the_console_notes_a_kernel_panic(tmp_path, capsys):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"refhost-init: kvm ready at 3.1 s; nested=1\n[   99.6] RIP: 0010:error_entry+0xb5/0x130\n")
+    console = refhost.Console(str(log), verbose=False)
+    console.pump()
+    assert not console.panicked
+    log.write_bytes(log.read_bytes() + b"[   99.6] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    console.pump()
+    assert console.panicked
+    assert "Kernel panic" in capsys.readouterr().err
+
+
+def _fake_runs(monkeypatch, results):
+    """run_once replaced: each call takes the next (status, panicked) and records the timeout it got."""
+    calls = []
+
+    def run_once(args, argv, outcome):
+        status, panicked = results[len(calls)]
+        calls.append(args.timeout)
+        outcome["host_panicked"] = panicked
+        return status
+
+    monkeypatch.setattr(refhost, "run_once", run_once)
+    return calls
+
+
+def test_a_panicked_reference_host_is_booted_again_within_the_timeout(monkeypatch, capsys):
+    calls = _fake_runs(monkeypatch, [(125, True), (0, False)])
+    args = refhost.parser().parse_args(["--timeout", "900", "--retry-panic", "1"])
+    assert refhost.run(args, ["true"]) == 0
+    assert len(calls) == 2 and calls[0] == 900 and 800 < calls[1] <= 900
+    assert "attempt 2 of 2" in capsys.readouterr().err
+
+
+def test_no_second_boot_without_a_panic_or_past_the_retries(monkeypatch, capsys):
+    calls = _fake_runs(monkeypatch, [(125, False)])
+    args = refhost.parser().parse_args(["--retry-panic", "3"])
+    assert refhost.run(args, ["true"]) == 125 and len(calls) == 1  # a failure of COMMAND's making
+    calls = _fake_runs(monkeypatch, [(125, True), (125, True)])
+    args = refhost.parser().parse_args(["--retry-panic", "1"])
+    assert refhost.run(args, ["true"]) == 125 and len(calls) == 2
+    calls = _fake_runs(monkeypatch, [(125, True)])
+    args = refhost.parser().parse_args([])  # the default: no retry
+    assert refhost.run(args, ["true"]) == 125 and len(calls) == 1
+    assert refhost.main(["--retry-panic", "-1", "--", "true"]) == 2

@@ -16,9 +16,10 @@ import pytest
 #: What `pykvm run` of a flat image never needs: the probe, the models, the nested and Linux boot
 #: machinery, the debugger and tracer, virtio, pyelftools (ELF images only), capstone (--trace only),
 #: rich (--stats / --dump-pagetables only), and cffi's cdef parser (pykvm._kvm_cffi is pre-parsed).
+#: (ctypes is loaded: ioctl_opt, which computes the request numbers, imports it.)
 NOT_FOR_RUN = ("pykvm.probe", "pykvm.model", "pykvm.nested", "pykvm.boot", "pykvm.gdbstub", "pykvm.trace",
                "pykvm.virtio", "pykvm.loaders.linux", "pykvm.initramfs", "pykvm.qemu", "pykvm.testing",
-               "elftools", "capstone", "rich", "cffi", "pycparser", "ctypes")
+               "elftools", "capstone", "rich", "cffi", "pycparser")
 
 _WRAPPER = """
 import json, sys
