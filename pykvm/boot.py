@@ -291,6 +291,7 @@ def cmd_boot(args) -> int:
 
     with Machine(args.mem, cpus=args.smp, irqchip=True, strict=False, console=None, cpuid=cpuid) as machine:
         machine_holder.append(machine)
+        machine.time_exits = args.stats
         phases.mark("VM created")
         try:
             transports = _add_virtio(machine, args, watch)

@@ -430,6 +430,7 @@ def cmd_run(args) -> int:
     try:
         with Machine(args.mem, cpus=args.smp, irqchip=irqchip, console=console, strict=args.strict,
                      trace=_trace if args.trace_exits else None) as machine:
+            machine.time_exits = args.stats  # the seconds column of --stats; two clock reads an exit
             uart = machine.add_pc_devices(serial, cmdline=args.append, tables=kind != "flat")
             machine.load_kernel(image, path=path, cmdline=args.append, modules=modules, mode=mode,
                                 load=args.load, entry=args.entry, la57=args.la57)

@@ -310,3 +310,13 @@ def test_json_errors_are_one_document_too(capsys):
     assert json.loads(out) == {"result": "error", "status": status.USAGE, "error": {
         "kind": "ImageError", "message": "/nonexistent/image.bin: no such guest image"}}
     assert err == "pykvm: error: /nonexistent/image.bin: no such guest image\n"
+
+
+@pytest.mark.kvm
+def test_stats_time_the_exits_only_when_asked(built):
+    """--stats turns Machine.time_exits on: every exit kind it lists has handling time; --json
+    without --stats carries no stats at all (and the run loop reads no clock per exit)."""
+    doc = json.loads(run_cli("run", built["hello_long"], "--json", "--stats").stdout)
+    rows = doc["stats"]["exits"]
+    assert rows and all(row["count"] >= 1 and row["seconds"] > 0 for row in rows)
+    assert "stats" not in json.loads(run_cli("run", built["hello_long"], "--json").stdout)

@@ -125,3 +125,11 @@ def test_la57_uses_the_5_level_root():
     sregs = ffi.new("struct kvm_sregs *")
     setup_sregs(sregs, Mode.LONG, la57=True)
     assert sregs.cr3 == layout.PML5 and sregs.cr4 & CR4_LA57
+
+
+def test_system_tables_are_built_once_and_read_only():
+    first = system_tables(Mode.LONG)
+    assert system_tables(Mode.LONG) is first  # every machine's set-up shares them
+    with pytest.raises(TypeError):
+        first[0] = b"x"  # type: ignore[index]
+    assert system_tables(Mode.LONG, la57=True) is not first

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from ..ioctl import KvmError, KvmUnsupportedError
 from . import layout, paging, tables
@@ -32,8 +35,15 @@ class Mode(str, enum.Enum):
         return {Mode.REAL: 16, Mode.LONG: 64}.get(self, 32)
 
 
-def system_tables(mode: Mode, la57: bool = False) -> dict[int, bytes]:
-    """Everything the set-up writes into guest memory for ``mode``: {gpa: bytes}."""
+@functools.lru_cache(maxsize=None)
+def system_tables(mode: Mode, la57: bool = False) -> Mapping[int, bytes]:
+    """Everything the set-up writes into guest memory for ``mode``: {gpa: bytes}, read-only and
+    built once per (mode, la57) (they are the same for every machine: a machine's set-up would
+    otherwise spend about a millisecond building page tables it built before)."""
+    return MappingProxyType(_system_tables(mode, la57))
+
+
+def _system_tables(mode: Mode, la57: bool) -> dict[int, bytes]:
     stubs = {layout.EXCEPTION_STUBS: tables.stubs_bytes()}
     if mode is Mode.REAL:
         return {layout.REAL_IVT: tables.ivt_bytes(), **stubs}
