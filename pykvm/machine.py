@@ -23,6 +23,7 @@ from . import exits
 from .devices.bus import Bus
 from .outcome import GuestFailure, Outcome
 from .constants import (
+    EXIT_IO_OUT,
     IRQCHIP_IOAPIC,
     IRQCHIP_PIC_MASTER,
     IRQCHIP_PIC_SLAVE,
@@ -114,6 +115,11 @@ PC_GSI_ROUTES = [
 
 
 COALESCED = " (coalesced)"  # the stats key suffix of writes read from the coalesced ring
+# struct kvm_coalesced_mmio_ring: first, last (u32 each), then entries of struct kvm_coalesced_mmio
+# (phys_addr u64, len u32, pio u32, data[8]) to the end of the page (KVM_COALESCED_MMIO_MAX).
+_COALESCED_HEAD = 8
+_COALESCED_ENTRY = struct.Struct("<QII8s")
+_COALESCED_SLOTS = (layout.PAGE_SIZE - _COALESCED_HEAD) // _COALESCED_ENTRY.size
 
 
 class ExitStats:
@@ -201,7 +207,7 @@ class Machine:
                 if pit is not False:
                     self.vm.create_pit2()
             self._has_pit = bool(irqchip is True and pit is not False)
-            self.supported_cpuid = self.kvm.get_supported_cpuid()
+            self.supported_cpuid = self.kvm.supported_cpuid()
             offered = self.supported_cpuid if cpuid is None else cpuid(list(self.supported_cpuid))
             for i in range(cpus):
                 vcpu = self.vm.create_vcpu(i)
@@ -541,21 +547,34 @@ class Machine:
 
     def _drain_coalesced(self, vcpu, stats: ExitStats):
         """Hand every write waiting in the coalesced ring to its handler, oldest first; returns the
-        first Outcome a handler gives (the rest of the ring stays for the next drain)."""
-        ring = vcpu.coalesced_ring
-        slots = (layout.PAGE_SIZE - 8) // 24  # KVM_COALESCED_MMIO_MAX: entries of 24 bytes after first/last
+        first Outcome a handler gives (the rest of the ring stays for the next drain). Entries are
+        unpacked from the ring's page in one call each and routed through the bus's dictionaries,
+        as the run loop routes exits; the ring's head is stored back once, also when a handler raises."""
+        ring, view = vcpu.coalesced_ring, vcpu.coalesced_view
+        unpack, route = _COALESCED_ENTRY.unpack_from, self._route
+        ports, mmio_routes, mmio_route = self.bus._ports, self.bus._mmio_hits, self.bus.mmio_route
+        io_exit, mmio_exit, count = exits.io_exit, exits.mmio_exit, stats.count
         with self._ring_lock:  # one ring per VM, drained by whichever vCPU exits
-            while ring.first != ring.last:
-                entry = ring.coalesced_mmio[ring.first]
-                data = bytes(entry.data[0 : min(entry.len, 8)])
-                exit = (exits.IoOut(entry.phys_addr, len(data), 1, data) if entry.pio
-                        else exits.MmioWrite(entry.phys_addr, data))
-                ring.first = (ring.first + 1) % slots
-                handler, key = self._route(exit)
-                result = self._handle(handler, exit, vcpu)
-                stats.add(key + COALESCED, 0.0)
-                if result is not None:
-                    return result
+            first = ring.first
+            try:
+                while first != ring.last:
+                    gpa, length, pio, data = unpack(view, _COALESCED_HEAD + _COALESCED_ENTRY.size * first)
+                    first = (first + 1) % _COALESCED_SLOTS
+                    if length < 8:
+                        data = data[:length]
+                    if pio:
+                        exit = io_exit(EXIT_IO_OUT, len(data), gpa, 1, data)
+                        r = ports.get(gpa)
+                    else:
+                        exit = mmio_exit(gpa, 1, data)
+                        r = mmio_routes.get(gpa) or mmio_route(gpa)
+                    handler, key = (r[0], r[4]) if r is not None else route(exit)
+                    result = self._handle(handler, exit, vcpu)
+                    count[key + COALESCED] += 1
+                    if result is not None:
+                        return result
+            finally:
+                ring.first = first
         return None
 
     def _handle(self, handler, exit, vcpu):

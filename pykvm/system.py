@@ -108,6 +108,7 @@ class Kvm(FdObject):
                 errno.EINVAL, f"{path} speaks KVM API version {version}, pykvm needs {KVM_API_VERSION}"
             )
         self._vcpu_mmap_size: int | None = None
+        self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<Kvm {self.path} fd={self._fd}>"
@@ -137,6 +138,14 @@ class Kvm(FdObject):
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         """CPUID entries KVM can give a guest. Wraps ``KVM_GET_SUPPORTED_CPUID``."""
         return cpuid_list(self, "KVM_GET_SUPPORTED_CPUID")
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """:meth:`get_supported_cpuid`'s answer, asked once per open /dev/kvm (it cannot change
+        while the module stays loaded, and this fd keeps it loaded): a new list each call, of
+        immutable entries. Machines that share a ``Kvm`` save the ioctl and the decoding."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = tuple(self.get_supported_cpuid())
+        return list(self._supported_cpuid)
 
     def get_emulated_cpuid(self) -> list[CpuidEntry]:
         """CPUID entries KVM emulates in software. Wraps ``KVM_GET_EMULATED_CPUID``."""

@@ -58,9 +58,11 @@ class Vcpu(FdObject):
         self.kvm_run = ffi.from_buffer("struct kvm_run *", self._run_map)
         ring_at = COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
         #: The coalesced MMIO/PIO ring KVM shares with every vCPU of the VM (None where KVM has none).
+        has_ring = len(self._page) >= ring_at + mmap.PAGESIZE
+        #: The same page as bytes (what Machine's drain unpacks the entries from).
+        self.coalesced_view = self._page[ring_at : ring_at + mmap.PAGESIZE] if has_ring else None
         self.coalesced_ring = (
-            ffi.from_buffer("struct kvm_coalesced_mmio_ring *", self._page[ring_at : ring_at + mmap.PAGESIZE])
-            if len(self._page) >= ring_at + mmap.PAGESIZE else None
+            ffi.from_buffer("struct kvm_coalesced_mmio_ring *", self.coalesced_view) if has_ring else None
         )
         self._thread: int | None = None
         # Exit values are frozen: the same access (port, size, count, data written; gpa, length;
@@ -323,6 +325,7 @@ class Vcpu(FdObject):
             ffi.release(self.kvm_run)
             if self.coalesced_ring is not None:
                 ffi.release(self.coalesced_ring)
+                self.coalesced_view.release()
             self._page.release()
             try:
                 run_map.close()

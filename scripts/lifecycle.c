@@ -6,7 +6,8 @@
  *
  *   create VM   KVM_CREATE_VM                         (KVM_GET_VCPU_MMAP_SIZE once, as Kvm caches it)
  *   memory      mmap(MAP_PRIVATE | MAP_ANONYMOUS) of MEM_SIZE, KVM_SET_USER_MEMORY_REGION (slot 0, GPA 0)
- *   cpuid       KVM_GET_SUPPORTED_CPUID, the APIC id put in (as pykvm.x86.cpuid.guest_cpuid) ...
+ *   cpuid       KVM_GET_SUPPORTED_CPUID (asked once, as Kvm.supported_cpuid; a copy each lifecycle),
+ *               the APIC id put in (as pykvm.x86.cpuid.guest_cpuid) ...
  *   vcpu        KVM_CREATE_VCPU(0), mmap of its kvm_run (shared)
  *   cpuid       ... KVM_SET_CPUID2
  *   set-up      the system tables and the image written into guest memory; KVM_GET_SREGS,
@@ -150,22 +151,35 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
 }
 
-/* KVM_GET_SUPPORTED_CPUID into a buffer that grows until it fits (pykvm's cpuid_list does the same). */
+/* KVM_GET_SUPPORTED_CPUID into a buffer that grows until it fits (pykvm's cpuid_list does the same),
+ * asked once per open /dev/kvm as pykvm's Kvm.supported_cpuid does; each lifecycle gets a copy. */
 static struct kvm_cpuid2 *supported_cpuid(int kvm)
 {
-	for (unsigned int n = 64; n <= 1u << 16; n *= 2) {
+	static struct kvm_cpuid2 *cached;
+	size_t size;
+	struct kvm_cpuid2 *copy;
+
+	for (unsigned int n = 64; !cached && n <= 1u << 16; n *= 2) {
 		struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + n * sizeof(cpuid->entries[0]));
 
 		if (!cpuid)
 			die(1, "out of memory");
 		cpuid->nent = n;
-		if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) == 0)
-			return cpuid;
+		if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) == 0) {
+			cached = cpuid;
+			break;
+		}
 		if (errno != E2BIG)
 			die(1, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
 		free(cpuid);
 	}
-	die(1, "KVM_GET_SUPPORTED_CPUID: more than 65536 entries");
+	if (!cached)
+		die(1, "KVM_GET_SUPPORTED_CPUID: more than 65536 entries");
+	size = sizeof(*cached) + cached->nent * sizeof(cached->entries[0]);
+	copy = malloc(size);
+	if (!copy)
+		die(1, "out of memory");
+	return memcpy(copy, cached, size);
 }
 
 static void set_apic_id(struct kvm_cpuid2 *cpuid, unsigned int id)
