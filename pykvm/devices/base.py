@@ -94,6 +94,20 @@ class Device:
             value |= byte << (8 * i)
         return value
 
+    # ---- state (snapshot, restore, migration) -------------------------------------------------
+    def save(self) -> dict:
+        """The device's state as plain data (what :func:`json.dumps` takes: ints, strings, bools,
+        None, lists and dicts with string keys; bytes as hex strings), taken between exits. Not its
+        configuration (ports, IRQ, the stream its output goes to): :meth:`restore` is called on a
+        device built with the same arguments. Every device says what its state is; one that does
+        not cannot be snapshotted, and the snapshot says so."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what its state is (Device.save)")
+
+    def restore(self, state: dict) -> None:
+        """Put back a state :meth:`save` gave (on a device built with the same arguments); raises
+        ValueError, naming the field, for a state this device cannot take."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take a saved state (Device.restore)")
+
     # ---- registers (subclasses) ---------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
         """The value a read of ``size`` bytes at ``port`` returns (called with the lock held)."""
