@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..outcome import Outcome
-from .base import Device, Irq, IrqLine
+from .base import Device, Irq, IrqLine, field, hex_field
 from .cmos import DeadlineTimer
 
 PM_BASE = 0x600  # where QEMU 7.2's SeaBIOS puts the PIIX4 PM block on pc (and q35)
@@ -160,11 +160,12 @@ class AcpiPm(Device):
         self.gpe_sts = bytearray(GPE0_LEN // 2)
         self.gpe_en = bytearray(GPE0_LEN // 2)
         self.sleep_state: int | None = None
+        self._tick_offset = 0  # PM timer ticks - host ticks: a restored timer goes on from its saved count
         self._overflow_tick = self._next_carry(self._ticks())
 
     # ---- the PM timer -------------------------------------------------------------------------
     def _ticks(self) -> int:
-        return int(self.monotonic() * PM_TIMER_FREQUENCY)
+        return int(self.monotonic() * PM_TIMER_FREQUENCY) + self._tick_offset
 
     @staticmethod
     def _next_carry(ticks: int) -> int:
@@ -187,7 +188,7 @@ class AcpiPm(Device):
         if self.pm1_en & TMR_EN and not sts & TMR_STS and not self._closed:
             if self._timer is None:
                 self._timer = self._timer_factory(self._on_timer)
-            self._timer.arm(self._overflow_tick / PM_TIMER_FREQUENCY)
+            self._timer.arm((self._overflow_tick - self._tick_offset) / PM_TIMER_FREQUENCY)
         elif self._timer is not None:
             self._timer.cancel()
 
@@ -204,6 +205,32 @@ class AcpiPm(Device):
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.close()
+
+    # ---- state --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        # The timer's count, not the host clock it came from: the guest's PM timer continues from
+        # it after a restore, as QEMU's virtual clock does, however long the snapshot lay.
+        with self._lock:
+            return {"pm1_sts": self._status(), "pm1_en": self.pm1_en, "pm1_cnt": self.pm1_cnt,
+                    "gpe_sts": self.gpe_sts.hex(), "gpe_en": self.gpe_en.hex(), "sleep_state": self.sleep_state,
+                    "ticks": self._ticks(), "overflow_tick": self._overflow_tick}
+
+    def restore(self, state: dict) -> None:
+        pm1_sts = field(state, "pm1_sts", int, limit=0x10000)
+        pm1_en = field(state, "pm1_en", int, limit=0x10000)
+        pm1_cnt = field(state, "pm1_cnt", int, limit=0x10000)
+        gpe_sts, gpe_en = hex_field(state, "gpe_sts", GPE0_LEN // 2), hex_field(state, "gpe_en", GPE0_LEN // 2)
+        sleep_state = field(state, "sleep_state", (int, type(None)))
+        if sleep_state not in (None, 3, 4, 5):
+            raise ValueError(f"saved field 'sleep_state' is {sleep_state}, not None, 3, 4 or 5")
+        ticks = field(state, "ticks", int, limit=1 << 63)
+        overflow_tick = field(state, "overflow_tick", int, limit=1 << 63)
+        with self._lock:
+            self.pm1_sts, self.pm1_en, self.pm1_cnt = pm1_sts, pm1_en, pm1_cnt & ~SLP_EN
+            self.gpe_sts[:], self.gpe_en[:], self.sleep_state = gpe_sts, gpe_en, sleep_state
+            self._tick_offset = ticks - int(self.monotonic() * PM_TIMER_FREQUENCY)
+            self._overflow_tick = overflow_tick
+            self._update_sci()  # the SCI to its level, and the carry timer armed as a write arms it
 
     # ---- events from the machine --------------------------------------------------------------
     def wakeup(self, reason: str = "other") -> bool:

@@ -118,6 +118,47 @@ class Device:
         return None
 
 
+def field(state: dict, name: str, kind=int, *, limit: int | None = None):
+    """``state[name]`` for :meth:`Device.restore`, checked: a ``kind`` (an int is not a bool;
+    a float may be an int, as JSON gives it) and, for an int with ``limit``, in ``range(limit)``.
+    Raises ValueError naming the field."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a saved state is a dict, not {type(state).__name__}")
+    if name not in state:
+        raise ValueError(f"saved state has no field {name!r}")
+    value = state[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds += (int,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+        raise ValueError(f"saved field {name!r} is {type(value).__name__}, not {names}")
+    if limit is not None and isinstance(value, int) and not 0 <= value < limit:
+        raise ValueError(f"saved field {name!r} is {value}, not 0-{limit - 1}")
+    return value
+
+
+def hex_field(state: dict, name: str, length: int | None = None) -> bytes:
+    """``state[name]``, bytes saved as a hex string (of ``length`` bytes if given)."""
+    text = field(state, name, str)
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"saved field {name!r} is not a hex string") from None
+    if length is not None and len(data) != length:
+        raise ValueError(f"saved field {name!r} has {len(data)} bytes, not {length}")
+    return data
+
+
+def int_list(state: dict, name: str, length: int, limit: int | None = None) -> list[int]:
+    """``state[name]``, a list of ``length`` ints (each in ``range(limit)`` if given)."""
+    values = field(state, name, list)
+    if len(values) != length or not all(isinstance(v, int) and not isinstance(v, bool)
+                                        and (limit is None or 0 <= v < limit) for v in values):
+        raise ValueError(f"saved field {name!r} is not {length} ints" + (f" in 0-{limit - 1}" if limit else ""))
+    return list(values)
+
+
 class IrqLine:
     """An interrupt output: remembers its level and calls ``irq(level)`` only on a change."""
 
@@ -198,6 +239,20 @@ class ConsoleDevice(Device):
     def captured(self) -> bytes:
         """The newest bytes the guest sent (at most the capture limit)."""
         return self.output.capture.getvalue()
+
+    def save(self) -> dict:
+        # Where the console is, not what it showed: the text went to the stream already.
+        with self._lock:
+            return {"written": self.output.capture.total}
+
+    def restore(self, state: dict) -> None:
+        with self._lock:
+            self._restore_console(state)
+
+    def _restore_console(self, state: dict) -> None:
+        written = field(state, "written", int, limit=1 << 63)
+        self.output.capture.clear()  # text from another history; the saved bytes count as dropped
+        self.output.capture.total = written
 
     @property
     def dropped(self) -> int:

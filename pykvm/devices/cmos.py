@@ -54,7 +54,7 @@ import threading
 import time
 from typing import Callable
 
-from .base import Device, Irq, IrqLine
+from .base import Device, Irq, IrqLine, field, hex_field
 
 CMOS_INDEX_PORT = 0x70
 CMOS_DATA_PORT = 0x71
@@ -253,6 +253,36 @@ class Cmos(Device):
             self._next_tick = None
         if timer is not None:
             timer.close()
+
+    # ---- state --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        # The clock as its offset from the host's (the guest's time goes on with the host's, as
+        # QEMU's -rtc clock=host), the periodic interrupt as the time left to its next tick.
+        with self._lock:
+            latched = None if self._latched is None else {str(k): v for k, v in self._latched.items()}
+            periodic_in = None if self._next_tick is None else self._next_tick - self.monotonic()
+            return {"ram": self.ram.hex(), "index": self.index, "nmi_disabled": self.nmi_disabled,
+                    "offset": self.offset, "latched": latched, "last_second": self._last_second,
+                    "periodic_in": periodic_in}
+
+    def restore(self, state: dict) -> None:
+        ram = hex_field(state, "ram", CMOS_SIZE)
+        index = field(state, "index", int, limit=CMOS_SIZE)
+        nmi_disabled = field(state, "nmi_disabled", bool)
+        offset = field(state, "offset", float)
+        latched = field(state, "latched", (dict, type(None)))
+        if latched is not None:
+            if sorted(latched) != sorted(str(r) for r in _TIME_REGS):
+                raise ValueError("saved field 'latched' does not hold the time registers")
+            latched = {int(k): field(latched, k, int, limit=0x100) for k in latched}
+        last_second = field(state, "last_second", int)
+        periodic_in = field(state, "periodic_in", (float, type(None)))
+        with self._lock:
+            self.ram[:], self.index, self.nmi_disabled = ram, index, nmi_disabled
+            self.offset, self._latched, self._last_second = offset, latched, last_second
+            self._next_tick = None if periodic_in is None else self.monotonic() + periodic_in
+            self.line.set(self.ram[REG_C] & REG_C_IRQF)
+            self._schedule()  # the timer armed as a register write arms it
 
     # ---- configuration ------------------------------------------------------------------------
     def set_memory_size(self, below_4g: int, above_4g: int = 0) -> None:

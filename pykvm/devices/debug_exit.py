@@ -30,6 +30,15 @@ class DebugExit(Device):
             raise ValueError(f"iosize must be at least 1, not {iosize}")
         self.ports = ((iobase, iosize),)
 
+    def save(self) -> dict:
+        return {}  # a write ends the run; nothing is kept
+
+    def restore(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"a saved state is a dict, not {type(state).__name__}")
+        if state:
+            raise ValueError(f"isa-debug-exit keeps no state: no field {next(iter(state))!r}")
+
     def read(self, port: int, size: int) -> int:
         return 0
 

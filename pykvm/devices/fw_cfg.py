@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 
 from .. import exits
-from .base import Device
+from .base import Device, field
 
 FW_CFG_PORT = 0x510  # selector; data is FW_CFG_PORT + 1
 FW_CFG_DMA_PORT = 0x514
@@ -189,6 +189,18 @@ class FwCfg(Device):
         if key & FW_CFG_ENTRY_MASK >= FW_CFG_FILE_FIRST:
             return self._by_key.get(key, b"") if not key & FW_CFG_ARCH_LOCAL else b""
         return self._items.get(key, b"")
+
+    # ---- state: where the guest is reading (the items are configuration) -----------------------
+    def save(self) -> dict:
+        with self._lock:
+            return {"key": self._key, "offset": self._offset, "dma_high": self._dma_high}
+
+    def restore(self, state: dict) -> None:
+        key = field(state, "key", int, limit=0x10000)
+        offset = field(state, "offset", int, limit=1 << 63)
+        dma_high = field(state, "dma_high", int, limit=1 << 32)
+        with self._lock:
+            self._key, self._offset, self._dma_high = key, offset, dma_high
 
     # ---- registers ----------------------------------------------------------------------------
     def _select(self, key: int) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..outcome import Outcome
-from .base import Device, Irq, IrqLine
+from .base import Device, Irq, IrqLine, field
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64  # read: status; write: command
@@ -88,6 +88,19 @@ class I8042(Device):
     @property
     def a20(self) -> bool:
         return bool(self.outport & OUT_A20)
+
+    def save(self) -> dict:
+        with self._lock:
+            return {"status": self.status, "ccb": self.ccb, "outport": self.outport,
+                    "obuf": self._obuf, "pending": self._pending}
+
+    def restore(self, state: dict) -> None:
+        values = [field(state, "status", int, limit=0x100), field(state, "ccb", int, limit=0x100),
+                  field(state, "outport", int, limit=0x100), field(state, "obuf", (int, type(None)), limit=0x100),
+                  field(state, "pending", (int, type(None)), limit=0x100)]
+        with self._lock:
+            self.status, self.ccb, self.outport, self._obuf, self._pending = values
+            self._update()  # IRQ 1 to the level a waiting byte gives
 
     def _output(self, value: int) -> None:
         self._obuf = value & 0xFF

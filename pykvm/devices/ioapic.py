@@ -66,7 +66,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .. import exits
-from .base import Device
+from .base import Device, field, int_list
 
 IOAPIC_GPA = 0xFEC00000
 IOAPIC_SIZE = 0x1000
@@ -148,6 +148,25 @@ class Ioapic(Device):
 
     def __repr__(self) -> str:
         return f"<Ioapic {self.gpa:#x} version={self.version:#x} lines={self.lines:#08x} irr={self.irr:#08x}>"
+
+    # ---- state --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        with self._lock:
+            return {"id": self.id, "ioregsel": self.ioregsel, "redirection": list(self.redirection),
+                    "lines": self.lines, "irr": self.irr}
+
+    def restore(self, state: dict) -> None:
+        id = field(state, "id", int, limit=0x10)
+        ioregsel = field(state, "ioregsel", int, limit=0x100)
+        redirection = int_list(state, "redirection", PINS, limit=1 << 64)
+        lines = field(state, "lines", int, limit=1 << PINS)
+        irr = field(state, "irr", int, limit=1 << PINS)
+        with self._lock:
+            self.id, self.ioregsel, self.lines, self.irr = id, ioregsel, lines, irr
+            self.redirection = [entry & (WRITABLE | READ_ONLY) for entry in redirection]
+            # Nothing to deliver: a saved IRR bit is one the entry holds back (masked, remote IRR).
+            # KVM learns the EOI routes again, as after the guest's own writes.
+            self._publish_routes()
 
     # ---- the interrupt inputs -----------------------------------------------------------------
     def set_irq(self, pin: int, level: int) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .. import exits
-from .base import Device, Irq
+from .base import Device, Irq, field, hex_field, int_list
 
 IOPORT = 0xE0
 FLUSH_PORT = 0xE4
@@ -74,6 +74,28 @@ class PcTestdev(Device):
         self.levels = [0] * IRQ_LINES
         self.flushed: list[int] = []  # pages named at 0xE4, newest last (the last 16)
         self.iomem = bytearray(IOMEM_LEN)
+
+    # ---- state --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        with self._lock:
+            return {"data": self.data, "levels": list(self.levels), "flushed": list(self.flushed),
+                    "iomem": self.iomem.hex()}
+
+    def restore(self, state: dict) -> None:
+        data = field(state, "data", int, limit=1 << 32)
+        levels = int_list(state, "levels", IRQ_LINES, limit=2)
+        flushed = field(state, "flushed", list)
+        if len(flushed) > 16 or not all(isinstance(p, int) and not isinstance(p, bool) for p in flushed):
+            raise ValueError("saved field 'flushed' is not a list of at most 16 page addresses")
+        iomem = hex_field(state, "iomem", IOMEM_LEN)
+        with self._lock:
+            self.data, self.flushed, self.iomem[:] = data, list(flushed), iomem
+            for n, level in enumerate(levels):
+                if level != self.levels[n]:  # the lines as the guest left them
+                    self.levels[n] = level
+                    line = self._line(n)
+                    if line is not None:
+                        line(level)
 
     # ---- the data register --------------------------------------------------------------------
     def _data_read(self, offset: int, size: int) -> int:

@@ -105,7 +105,7 @@ from typing import NamedTuple
 from .. import exits
 from ..outcome import Outcome
 from ..x86.layout import MMIO_WINDOW
-from .base import Device, IrqLine
+from .base import Device, IrqLine, field, hex_field
 
 # ---- configuration header offsets and bits (PCI Local Bus 3.0, 6.2) ------------------------------
 VENDOR_ID = 0x00
@@ -419,6 +419,27 @@ class PciFunction(Device):
         self._msix_table_bar, self._msix_table_off = table_bar, table_offset
         self._msix_pba_bar, self._msix_pba_off = pba_bar, pba_offset
         return self.msix_cap
+
+    # ---- state ------------------------------------------------------------------------------------
+    def save(self) -> dict:
+        # The configuration space holds command, BARs and MSI; the MSI-X table and PBA are BAR memory.
+        with self._lock:
+            return {"config": self.config.hex(), "intx": self._intx_level,
+                    "msix_table": self._msix_table.hex(), "msix_pba": self._msix_pba.hex()}
+
+    def restore(self, state: dict) -> None:
+        config = hex_field(state, "config", EXT_CONFIG_SPACE_SIZE)
+        if config[VENDOR_ID:DEVICE_ID + 2] != self.config[VENDOR_ID:DEVICE_ID + 2]:
+            raise ValueError(f"saved field 'config' is the configuration space of {config[:4].hex()}, "
+                             f"not of this function's {self.config[:4].hex()}")
+        intx = field(state, "intx", int, limit=2)
+        with self._lock:
+            table = hex_field(state, "msix_table", len(self._msix_table))
+            pba = hex_field(state, "msix_pba", len(self._msix_pba))
+            self.config[:], self._intx_level = config, intx
+            self._msix_table[:], self._msix_pba[:] = table, pba
+            self.update_mappings()  # the BARs decode where the saved registers say, as after a write
+            self._update_intx()
 
     # ---- configuration accesses (the host calls these) --------------------------------------------
     @property
@@ -913,6 +934,32 @@ class PciHost(Device):
     def describe(self) -> list[str]:
         """One line per function, for an ``info pci``-like listing."""
         return [f.describe() for f in self.functions]
+
+    # ---- state ------------------------------------------------------------------------------------
+    def save(self) -> dict:
+        # Bus 0's functions are saved here: the machine holds the host, the host holds them.
+        with self._lock:
+            functions = [{"devfn": devfn, "type": type(f).__name__, "state": f.save()}
+                         for devfn, f in sorted(self._functions.items())]
+            return {"config_address": self.config_address, "reset_control": self.reset_control,
+                    "functions": functions}
+
+    def restore(self, state: dict) -> None:
+        config_address = field(state, "config_address", int, limit=1 << 32)
+        reset_control = field(state, "reset_control", int, limit=0x100)
+        functions = field(state, "functions", list)
+        built = [{"devfn": devfn, "type": type(f).__name__} for devfn, f in sorted(self._functions.items())]
+        saved = [{k: f.get(k) for k in ("devfn", "type")} if isinstance(f, dict) else f for f in functions]
+        if saved != built:
+            raise ValueError(f"saved field 'functions' is bus 0 with {saved}, this one has {built}")
+        with self._lock:
+            self.config_address, self.reset_control = config_address, reset_control & RCR_SYS_RST
+            for saved_function in functions:
+                function = self._functions[saved_function["devfn"]]
+                try:
+                    function.restore(field(saved_function, "state", dict))
+                except ValueError as e:
+                    raise ValueError(f"function {function.bdf}: {e}") from None
 
     # ---- mechanism #1 ----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:

@@ -40,6 +40,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from .base import field, int_list
 from .pci import PciFunction
 
 TESTS = ("no-eventfd", "wildcard-eventfd", "datamatch-eventfd")
@@ -109,6 +110,20 @@ class PciTestDev(PciFunction):
         with self.lock:
             self.current = None
             self._announce()
+
+    def save(self) -> dict:
+        with self.lock:
+            return {**super().save(), "current": self.current, "counts": [t.count for t in self.tests]}
+
+    def restore(self, state: dict) -> None:
+        current = field(state, "current", (int, type(None)), limit=len(self.tests))
+        counts = int_list(state, "counts", len(self.tests), limit=1 << 63)
+        with self.lock:
+            super().restore(state)
+            self.current = current
+            for test, count in zip(self.tests, counts):
+                test.count = count
+            self._announce()  # the selected test's ioeventfd, where its BAR decodes now
 
     def count(self, test: int) -> int:
         """Test ``test``'s count (0-5, global numbering)."""

@@ -7,7 +7,7 @@ so a test can see how far boot code got without each write being an "unexpected 
 
 from __future__ import annotations
 
-from .base import Device
+from .base import Device, field
 
 POST_PORT = 0x80
 
@@ -20,6 +20,16 @@ class PostCode(Device):
         self.ports = ((port, 1),)
         self.last: int | None = None
         self.writes = 0
+
+    def save(self) -> dict:
+        with self._lock:
+            return {"last": self.last, "writes": self.writes}
+
+    def restore(self, state: dict) -> None:
+        last = field(state, "last", (int, type(None)), limit=0x100)
+        writes = field(state, "writes", int, limit=1 << 63)
+        with self._lock:
+            self.last, self.writes = last, writes
 
     def read(self, port: int, size: int) -> int:
         return (1 << (8 * size)) - 1

@@ -52,7 +52,7 @@ import time
 from typing import Callable
 
 from ..outcome import Outcome
-from .base import Device
+from .base import Device, field
 from .i8042 import Reset
 
 RESET_CONTROL_PORT = 0xCF9
@@ -81,6 +81,15 @@ class ResetControl(Device):
         super().__init__()
         self.ports = ((port, 1),)
         self.value = 0
+
+    def save(self) -> dict:
+        with self._lock:
+            return {"value": self.value}
+
+    def restore(self, state: dict) -> None:
+        value = field(state, "value", int, limit=0x100)
+        with self._lock:
+            self.value = value & RCR_SYS_RST
 
     def read(self, port: int, size: int) -> int:
         return self.value
@@ -122,6 +131,18 @@ class SystemControlB(Device):
         self.speaker = 0
         self.gate = 0  # used only without a PIT
         self.refresh = 0
+
+    def save(self) -> dict:
+        # With a PIT the gate is KVM's channel 2, saved with the VM (KVM_GET_PIT2).
+        with self._lock:
+            return {"speaker": self.speaker, "gate": self.gate, "refresh": self.refresh}
+
+    def restore(self, state: dict) -> None:
+        speaker = field(state, "speaker", int, limit=2)
+        gate = field(state, "gate", int, limit=2)
+        refresh = field(state, "refresh", int, limit=0x100)
+        with self._lock:
+            self.speaker, self.gate, self.refresh = speaker, gate, refresh & PORTB_REFRESH
 
     def read(self, port: int, size: int) -> int:
         self.refresh ^= PORTB_REFRESH

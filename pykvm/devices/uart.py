@@ -57,7 +57,7 @@ import threading
 from collections import deque
 from typing import BinaryIO
 
-from .base import DEFAULT_CAPTURE_LIMIT, ConsoleDevice, ConsoleOutput, Irq, IrqLine
+from .base import DEFAULT_CAPTURE_LIMIT, ConsoleDevice, ConsoleOutput, Irq, IrqLine, field, hex_field
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -183,6 +183,35 @@ class Uart16550(ConsoleDevice):
         with self._space:
             self._space.wait_for(self._room, timeout)
             return self._room()
+
+    # ---- state --------------------------------------------------------------------------------
+    def save(self) -> dict:
+        # IIR is not a register of its own: it follows from IER, the FIFO, the line errors, the
+        # THRE flag and the modem deltas, so those are what is kept.
+        with self._lock:
+            return {"written": self.output.capture.total, "ier": self.ier, "fcr": self.fcr, "lcr": self.lcr,
+                    "mcr": self.mcr, "scr": self.scr, "divisor": self.divisor, "rx": bytes(self._rx).hex(), "rbr": self._rbr,
+                    "line_errors": self._line_errors, "thr_ipending": self._thr_ipending,
+                    "msr_lines": self._msr_lines, "msr_delta": self._msr_delta, "irq": self.line.level}
+
+    def restore(self, state: dict) -> None:
+        byte = {name: field(state, name, int, limit=0x100)
+                for name in ("ier", "fcr", "lcr", "mcr", "scr", "rbr", "line_errors", "msr_lines", "msr_delta")}
+        divisor = field(state, "divisor", int, limit=0x10000)
+        rx = hex_field(state, "rx")
+        if len(rx) > (FIFO_SIZE if byte["fcr"] & FCR_ENABLE else 1):
+            raise ValueError(f"saved field 'rx' holds {len(rx)} bytes, more than the receiver takes")
+        thr_ipending = field(state, "thr_ipending", bool)
+        irq = field(state, "irq", int, limit=2)
+        with self._lock:
+            self._restore_console(state)
+            self.ier, self.fcr, self.lcr = byte["ier"] & 0x0F, byte["fcr"] & FCR_KEPT, byte["lcr"]
+            self.mcr, self.scr, self._rbr = byte["mcr"] & 0x1F, byte["scr"], byte["rbr"]
+            self.divisor, self._rx = divisor, deque(rx)
+            self._line_errors, self._thr_ipending = byte["line_errors"] & LSR_ERRORS, thr_ipending
+            self._msr_lines, self._msr_delta = byte["msr_lines"] & 0xF0, byte["msr_delta"] & 0x0F
+            self.line.set(irq)
+            self._space.notify_all()
 
     # ---- receiver -----------------------------------------------------------------------------
     def _capacity(self) -> int:
