@@ -623,3 +623,55 @@ def test_pci_bars_mapped_at_the_same_addresses_and_tests_go_on():
     assert b.gsis[gsi] == [1]  # INTA# of the pinned function, routed through PIIX3 again
     mem_bar = a.testdev.bar_address(0)
     assert mmio_read(b.h.bus, mem_bar, 1) == mmio_read(a.h.bus, mem_bar, 1)
+
+
+ioapic_ops = st.lists(st.one_of(
+    st.tuples(st.just("reg"), st.sampled_from([0x00, 0x01, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15]),
+              st.sampled_from([0, 0x30, 0x8030, 0x18031, 0x10030, 1 << 24, 0xFFFFFFFF])),
+    st.tuples(st.just("irq"), st.integers(0, 2), st.integers(0, 1)),
+    st.tuples(st.just("eoi"), st.sampled_from([0x30, 0x31]), st.just(0)),
+), max_size=30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(before=ioapic_ops, after=ioapic_ops)
+def test_ioapic_random_accesses_save_restore_equivalence(before, after):
+    def apply(b, ops):
+        for op, x, y in ops:
+            if op == "reg":
+                mmio_write(b.h, IOAPIC_GPA, x)
+                mmio_write(b.h, IOAPIC_GPA + 0x10, y)
+            elif op == "irq":
+                b.device.set_irq(x, y)
+            else:
+                b.device.eoi(x)
+
+    a = build_ioapic(drive=False)
+    apply(a, before)
+    state = a.device.save()
+    b = build_ioapic(drive=False)
+    b.device.restore(json.loads(json.dumps(state)))
+    assert b.device.save() == state
+    assert b.routes[-1] == (a.routes[-1] if a.routes else [])  # KVM told the routes, even none
+    sent = len(a.sent)
+    apply(a, after)
+    apply(b, after)
+    assert b.sent == a.sent[sent:]  # the same messages from here on
+    assert b.device.save() == a.device.save()
+
+
+@settings(max_examples=100, deadline=None)
+@given(before=st.lists(st.tuples(st.sampled_from([0x60, 0x64]), st.sampled_from(
+    [0x20, 0x60, 0xA7, 0xA8, 0xA9, 0xAA, 0xAD, 0xD0, 0xD1, 0xD2, 0x01, 0x45, 0xFF])), max_size=20),
+    after=st.lists(st.sampled_from([0x60, 0x64]), max_size=6))
+def test_i8042_random_commands_save_restore_equivalence(before, after):
+    a = build_i8042(drive=False)
+    for port, value in before:
+        a.h.out(port, value)
+    state = a.device.save()
+    b = build_i8042(drive=False)
+    b.device.restore(json.loads(json.dumps(state)))
+    assert b.device.save() == state and b.levels.level == a.levels.level
+    for port in after:
+        assert b.h.inp(port) == a.h.inp(port)
+        assert b.levels.level == a.levels.level
