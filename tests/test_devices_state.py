@@ -369,7 +369,8 @@ def test_the_check_catches_a_device_that_does_not_say_its_state():
     class MorePci(PciFunction):  # a new function with its own registers must say them too
         pass
 
-    assert sorted(states_unsaid({Quiet, HalfSaid, MorePci, PostCode, DebugConsole})) == ["HalfSaid", "MorePci", "Quiet"]
+    unsaid = states_unsaid({Quiet, HalfSaid, MorePci, PostCode, DebugConsole})
+    assert sorted(unsaid) == ["HalfSaid", "MorePci", "Quiet"]
     with pytest.raises(NotImplementedError, match="Quiet"):
         Quiet().save()
 
@@ -499,6 +500,24 @@ def test_uart_random_registers_save_restore_equivalence(before, after):
     a.device.feed(b"zz")
     b.device.feed(b"zz")
     assert b.device.save() == {**a.device.save(), "written": b.device.save()["written"]}
+
+
+def test_debugcon_position_continues_without_the_text_again():
+    a, b, state = round_trip(DebugConsole)
+    assert state == {"written": 9}
+    assert b.out.getvalue() == b"" and b.device.captured == b"" and b.device.dropped == 9
+    b.h.out(0xE9, ord("$"))
+    assert b.out.getvalue() == b"$" and b.device.save() == {"written": 10}
+    assert b.h.inp(0xE9) == 0xE9
+
+
+def test_post_code_reset_control_and_port_b_read_the_same():
+    a, b, _ = round_trip(PostCode)
+    assert (b.device.last, b.device.writes) == (0x42, 2)
+    a, b, _ = round_trip(ResetControl)
+    assert b.h.inp(0xCF9) == a.h.inp(0xCF9) == 0x02
+    a, b, _ = round_trip(SystemControlB)
+    assert [b.h.inp(0x61) for _ in range(3)] == [a.h.inp(0x61) for _ in range(3)]  # the refresh bit's phase too
 
 
 def test_cmos_clock_continues_and_the_periodic_interrupt_still_fires():
