@@ -540,6 +540,22 @@ struct kvm_dirty_log {
 	};
 };
 
+struct kvm_clear_dirty_log {
+	__u32 slot;
+	__u32 num_pages;
+	__u64 first_page;
+	union {
+		void *dirty_bitmap;
+		__u64 padding2;
+	};
+};
+
+struct kvm_dirty_gfn {
+	__u32 flags;
+	__u32 slot;
+	__u64 offset;
+};
+
 struct kvm_clock_data {
 	__u64 clock;
 	__u32 flags;

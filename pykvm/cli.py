@@ -146,6 +146,9 @@ def _add_run(sub) -> None:
                           "give all ones, MMIO reads 0, writes are dropped)")
     run.add_argument("--stats", action="store_true",
                      help="exit counts and times per exit kind and device, and KVM's own counters")
+    run.add_argument("--snapshot-on", nargs=2, metavar=("SIGNAL|exit", "FILE"),
+                     help="save the whole VM to FILE each time the signal comes (USR1, HUP, ...; the guest "
+                          "then runs on), or when the guest stops (exit); `pykvm restore FILE` goes on from there")
     run.set_defaults(func=cmd_run)
 
 
@@ -194,6 +197,12 @@ def _add_nested(sub) -> None:
     nested_cli.add_parser(sub)
 
 
+def _add_restore(sub) -> None:
+    from . import snapcli
+
+    snapcli.add_parser(sub)
+
+
 def _add_boot(sub) -> None:
     from . import boot
 
@@ -202,7 +211,7 @@ def _add_boot(sub) -> None:
 
 #: Each subcommand and what adds its parser, in the order ``pykvm --help`` lists them.
 SUBCOMMANDS = {"run": _add_run, "probe": _add_probe, "compare": _add_compare, "tlb": _add_tlb,
-               "nested": _add_nested, "boot": _add_boot}
+               "nested": _add_nested, "boot": _add_boot, "restore": _add_restore}
 
 
 def _error(message: str) -> None:
@@ -422,6 +431,13 @@ def cmd_run(args) -> int:
     kind = detect_image(image, name=path)
     chip = args.irqchip or ("kernel" if args.smp > 1 or kind != "flat" else None)
     irqchip = {"kernel": True, "split": "split", None: False}[chip]
+    snapshot_on = None
+    if args.snapshot_on:
+        from .snapcli import parse_snapshot_on
+
+        if args.gdb or args.trace or args.trace_range or args.trace_count or args.trace_file:
+            raise ValueError("--snapshot-on cannot be combined with --gdb or --trace (they hold the vCPU)")
+        snapshot_on = parse_snapshot_on(*args.snapshot_on)
     serial, close_serial = _serial_stream(args.serial)
     if args.json and serial is sys.stdout.buffer:
         serial = None  # stdout carries the JSON document
@@ -439,7 +455,12 @@ def cmd_run(args) -> int:
             tracer = _tracer(args, machine)
             gdb = _gdb_server(args, machine)
             try:
-                outcome = gdb.run() if gdb is not None else machine.run(timeout=args.timeout)
+                if gdb is not None:
+                    outcome = gdb.run()
+                else:
+                    from .snapcli import run_with_snapshots
+
+                    outcome = run_with_snapshots(machine, args.timeout, snapshot_on)
             except GuestError as e:
                 error = e
             finally:

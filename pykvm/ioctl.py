@@ -48,6 +48,8 @@ REQUESTS: dict[str, int] = {
     # VM
     "KVM_CREATE_VCPU": _io(0x41),
     "KVM_GET_DIRTY_LOG": _iow(0x42, "struct kvm_dirty_log"),
+    "KVM_CLEAR_DIRTY_LOG": _iowr(0xC0, "struct kvm_clear_dirty_log"),
+    "KVM_RESET_DIRTY_RINGS": _io(0xC7),
     "KVM_SET_USER_MEMORY_REGION": _iow(0x46, "struct kvm_userspace_memory_region"),
     "KVM_SET_TSS_ADDR": _io(0x47),
     "KVM_SET_IDENTITY_MAP_ADDR": _iow(0x48, "__u64"),

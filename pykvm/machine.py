@@ -37,6 +37,9 @@ from .devices.debugcon import DebugConsole
 from .devices.ioapic import PINS as IOAPIC_PINS
 from .devices.ioapic import Ioapic
 from .ioctl import KvmError, KvmUnsupportedError
+from .dirty import RING_ENTRIES as DIRTY_RING_ENTRIES
+from .dirty import enable_ring as enable_dirty_ring
+from .dirty import ring_offered as dirty_ring_offered
 from .stats import Counters
 from .report import CpuState, decode, read_virtual, read_virtual_cstring
 from .system import Kvm
@@ -78,6 +81,12 @@ class GuestException(GuestError):
     def __init__(self, message, state=None, exit=None, *, vector: int, error_code: int, rip: int):
         super().__init__(message, state, exit)
         self.vector, self.error_code, self.rip = vector, error_code, rip
+
+
+@dataclasses.dataclass(frozen=True)
+class Paused(Outcome):
+    """:meth:`Machine.pause` stopped the run between exits: not the guest's word (status 0,
+    ``via`` "pause"); :meth:`Machine.run` goes on from there, or :meth:`Machine.snapshot` saves it."""
 
 
 class GuestTimeout(GuestError):
@@ -176,6 +185,8 @@ class Machine:
         trace: Callable[[exits.Exit], None] | None = None,
         strict: bool = True,
         cpuid: Callable[[list], list] | None = None,
+        ram_backing=None,
+        dirty: str | None = None,
     ):
         if mem_size < layout.MIN_MEM_SIZE or mem_size % layout.PAGE_SIZE:
             raise ValueError(
@@ -188,6 +199,8 @@ class Machine:
             raise ValueError(f"irqchip must be True, False or 'split', not {irqchip!r}")
         if irqchip == "split" and pit:
             raise ValueError("the split irqchip has no in-kernel PIT (KVM_CREATE_PIT2 needs KVM's IOAPIC and PIC)")
+        if dirty not in (None, "auto", "ring", "bitmap"):
+            raise ValueError(f"dirty must be None, 'auto', 'ring' or 'bitmap', not {dirty!r}")
         if cpus < 1 or (cpus > 1 and not irqchip):
             raise ValueError(f"{cpus} vCPUs: need at least 1, and more than 1 needs the in-kernel irqchip")
         self._own_kvm = kvm is None
@@ -196,7 +209,7 @@ class Machine:
         self.virtio: list = []  # virtio-mmio transports (add_virtio), in slot order
         try:
             self.vm = self.kvm.create_vm()
-            self.ram = self.vm.add_memory(0, mem_size)
+            self.ram = self.vm.add_memory(0, mem_size, backing=ram_backing)
             if irqchip == "split":  # before any vCPU: their LAPICs are created in the kernel
                 if not self.vm.has_cap(Cap.SPLIT_IRQCHIP):
                     raise KvmUnsupportedError("this KVM has no split irqchip (KVM_CAP_SPLIT_IRQCHIP)")
@@ -207,8 +220,20 @@ class Machine:
                 if pit is not False:
                     self.vm.create_pit2()
             self._has_pit = bool(irqchip is True and pit is not False)
+            # "auto" takes the ring where it is offered, but not on kvm_pvm: its rings stall (a
+            # full ring whose next entry was never marked dirty, see pykvm.dirty)
+            ring = dirty == "ring" or (dirty == "auto" and _backend() != "kvm_pvm")
+            ring = ring and dirty_ring_offered(self.vm) >= DIRTY_RING_ENTRIES * 16
+            if dirty == "ring" and not ring:
+                raise KvmUnsupportedError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) of "
+                                          f"{DIRTY_RING_ENTRIES * 16} bytes")
+            if ring:
+                enable_dirty_ring(self.vm)  # before the first vCPU, or KVM refuses it
             self.supported_cpuid = self.kvm.supported_cpuid()
             offered = self.supported_cpuid if cpuid is None else cpuid(list(self.supported_cpuid))
+            #: The CPUID the vCPUs were given (before each one's APIC id is put in). KVM_GET_CPUID2
+            #: is not asked instead: kvm_pvm answers it with the host's feature bits ORed in.
+            self.cpuid = list(offered)
             for i in range(cpus):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(guest_cpuid(offered, i))
@@ -259,6 +284,18 @@ class Machine:
                 self.on_port(port, _absent, count=2, name="8259 PIC (absent)")
         self._coalesced = False
         self._ring_lock = threading.Lock()
+        #: Which pages were written since the last look (:mod:`pykvm.dirty`), with ``dirty``; a
+        #: :meth:`checkpoint` starts the bitmap one when there is none.
+        self.dirty = None
+        if dirty is not None:
+            self._track_dirty(ring)
+        self._checkpoint = None
+        #: How this machine was built, as data: what a snapshot needs to build it again elsewhere
+        #: (the constructor's arguments, then each platform call). Handlers registered from Python
+        #: (on_port, on_msr, ...) are code, not data: whoever restores registers them again.
+        self.recipe: dict = {"mem_size": mem_size, "cpus": cpus, "irqchip": irqchip, "pit": pit,
+                             "strict": strict, "console_limit": console_limit, "platform": []}
+        self._pause_requested = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -270,6 +307,8 @@ class Machine:
                 closer()  # devices with timer threads (the RTC, the ACPI PM timer) stop them
         if getattr(self, "_counters", None):
             self._close_counters()
+        if getattr(self, "dirty", None) is not None:
+            self.dirty.close()
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._own_kvm and getattr(self, "kvm", None) is not None:
@@ -364,6 +403,7 @@ class Machine:
         from .x86.acpi import build_acpi
         from .x86.mptable import build_mptable
 
+        self.recipe["platform"].append(["pc_devices", {"cmdline": cmdline, "tables": tables}])
         ncpus = len(self.vcpus)
         uart = Uart16550(serial, irq=self.irq(4) if self.irqchip else None)
         fw_cfg = FwCfg(self.ram.size, ncpus, memory=self.memory)
@@ -390,6 +430,7 @@ class Machine:
         machine with ``strict=False`` for QEMU's unassigned I/O. The DSDT describes the virtio-mmio
         transports added before this call (:meth:`add_virtio`). Returns the :class:`PciHost`
         (its UART, if any, is :attr:`uart`)."""
+        self.recipe["platform"].append(["qemu_pc", None])  # streams and PCI layout: not yet data
         from .devices.acpi_pm import AcpiPm
         from .devices.cmos import Cmos
         from .devices.debug_exit import DebugExit
@@ -496,6 +537,7 @@ class Machine:
                              "interrupts go through an irqfd" + (", which the split irqchip's Python IOAPIC "
                                                                  "does not see" if self.irqchip else ""))
         slot = len(self.virtio)
+        self.recipe["platform"].append(["virtio", None])  # a backend's file or TAP: not yet data
         if slot >= len(layout.VIRTIO_IRQS):
             raise ValueError(f"no free virtio-mmio slot: a machine has {len(layout.VIRTIO_IRQS)}")
         transport = VirtioMmio(device, self.memory, layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE,
@@ -813,6 +855,65 @@ class Machine:
         """Whether the current run is ending: a vCPU finished, or :meth:`stop` was called."""
         return self._stopping
 
+    def _track_dirty(self, ring: bool) -> None:
+        from .dirty import BitmapTracker, RingTracker
+
+        if ring:
+            self.dirty = RingTracker(self.vm, self.ram, self.memory, self.vcpus)
+            self.on_exit(exits.DirtyRingFull, self.dirty.ring_full)
+        else:
+            self.dirty = BitmapTracker(self.vm, self.ram, self.memory)
+
+    def checkpoint(self):
+        """Remember the whole machine now (between runs) for :meth:`reset`: the vCPUs, the
+        in-kernel devices, the device models and a copy of guest RAM; dirty tracking starts
+        (the bitmap, unless the machine was built with ``dirty``). Returns the checkpoint."""
+        from .snapshot import Checkpoint
+
+        if self._running:
+            raise RuntimeError("a checkpoint is taken between runs: pause the machine first (Machine.pause)")
+        if self.dirty is None:
+            self._track_dirty(ring=False)
+        self._checkpoint = Checkpoint.take(self)
+        return self._checkpoint
+
+    def reset(self) -> dict:
+        """Put the machine back as it was at :meth:`checkpoint`: only the pages written since
+        (by the guest or by pykvm) are copied back, then the vCPU and device state. Between runs
+        only. Returns {"pages": how many pages were copied back, "seconds": ...}."""
+        if self._checkpoint is None:
+            raise RuntimeError("reset needs a checkpoint first (Machine.checkpoint)")
+        if self._running:
+            raise RuntimeError("a reset needs the vCPUs stopped: pause the machine first (Machine.pause)")
+        return self._checkpoint.restore(self)
+
+    def pause(self) -> None:
+        """Make a running :meth:`run` return :class:`Paused` soon, from any thread or a signal
+        handler: every vCPU stops between exits, and the machine can be snapshotted
+        (:meth:`snapshot`) or run on."""
+        self._pause_requested = True
+        self._stopping = True
+        self._finished.set()
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def snapshot(self, path) -> dict:
+        """Save the whole machine (vCPUs, in-kernel devices, device models, guest memory) to
+        ``path`` (:mod:`pykvm.snapshot`); only between runs. Returns sizes and times."""
+        from .snapshot import save_machine
+
+        return save_machine(self, path)
+
+    @classmethod
+    def from_snapshot(cls, path, *, kvm: Kvm | None = None, console: BinaryIO | None = None,
+                      serial: BinaryIO | None = None, trace=None) -> Machine:
+        """A machine built again from a snapshot file, in the state it was saved in: :meth:`run`
+        goes on from there. ``console`` and ``serial`` are where its debug console and UART
+        write now. Raises :class:`pykvm.snapshot.SnapshotError` for a file that cannot be used here."""
+        from .snapshot import restore_machine
+
+        return restore_machine(cls, path, kvm=kvm, console=console, serial=serial, trace=trace)
+
     def stop(self, reason: str = "stopped") -> None:
         """Stop a running :meth:`run` from any thread (it raises GuestTimeout with ``reason``)."""
         self._stop_reason = reason
@@ -845,11 +946,15 @@ class Machine:
                 result = self._drain_coalesced(vcpu, stats)
                 if result is not None:
                     return result
+            kind = type(exit)
+            pausing = False
             if self._stopping:
                 if self._stop_reason:
                     raise GuestTimeout(self._stop_reason, CpuState.capture(vcpu, self.memory), exit)
-                return None
-            kind = type(exit)
+                if not self._pause_requested or kind is intr:
+                    return None
+                pausing = True  # answer this exit first: a pause loses no I/O
+
             if kind is io_out or kind is io_in:
                 r = ports.get(exit.port)
                 handler, key = (r[0], r[4]) if r is not None else route(exit)
@@ -885,6 +990,8 @@ class Machine:
                 return result
             if after is not None:
                 after(exit, vcpu)
+            if pausing:
+                return None
 
     def _run_vcpu(self, vcpu, results: list, stats: ExitStats) -> None:
         try:
@@ -908,6 +1015,7 @@ class Machine:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self._stop_reason = None
         self._stopping = False
+        self._pause_requested = False
         self._finished.clear()
         timer = None
         if timeout is not None:
@@ -939,6 +1047,8 @@ class Machine:
             run_stats.merge(s)
         self.stats.merge(run_stats)
         self.kvm_stats = {k: v - before.get(k, 0) for k, v in self._kvm_counters().items() if v != before.get(k, 0)}
+        if not results and self._pause_requested and not self._stop_reason:
+            results.append(Paused(0, via="pause"))
         first = results[0] if results else GuestTimeout(self._stop_reason or "stopped",
                                                        CpuState.capture(self.vcpu, self.memory))
         if isinstance(first, BaseException):
@@ -976,6 +1086,12 @@ class Machine:
         for counters in self._counters or ():
             counters.close()
         self._counters = None
+
+
+def _backend() -> str | None:
+    from .probe.host import kvm_backend  # only where asked: pykvm.probe is not light
+
+    return kvm_backend()
 
 
 RFLAGS_AC = 1 << 18

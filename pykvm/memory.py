@@ -34,15 +34,20 @@ class MemoryRegion:
     _pin: object  # the cffi buffer that pins _map and gives its host address
 
     @classmethod
-    def allocate(cls, slot: int, gpa: int, size: int, *, readonly: bool = False, log_dirty: bool = False):
-        """Map ``size`` bytes of zeroed anonymous memory for slot ``slot`` at ``gpa``."""
+    def allocate(cls, slot: int, gpa: int, size: int, *, readonly: bool = False, log_dirty: bool = False,
+                 backing: mmap.mmap | None = None):
+        """Map ``size`` bytes of zeroed anonymous memory for slot ``slot`` at ``gpa`` (or use
+        ``backing``, a writable mapping of that size: a snapshot's memory, mapped copy-on-write)."""
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise ValueError(
                 f"memory region gpa={gpa:#x} size={size:#x}: both must be multiples of {PAGE_SIZE:#x}, size > 0"
             )
         if gpa < 0 or gpa + size > 1 << 52:
             raise ValueError(f"memory region gpa={gpa:#x} size={size:#x} is outside the 52-bit physical space")
-        backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if backing is None:
+            backing = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        elif len(backing) != size:
+            raise ValueError(f"memory region gpa={gpa:#x}: the backing maps {len(backing):#x} bytes, not {size:#x}")
         pin = ffi.from_buffer(backing)
         return cls(slot, gpa, size, readonly, log_dirty, backing, pin)
 
@@ -87,6 +92,9 @@ class GuestMemory:
     def __init__(self) -> None:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        #: Page numbers (GPA >> 12) pykvm wrote through :meth:`write` and the ``write_u*``
+        #: methods, while dirty tracking (:mod:`pykvm.dirty`) is on; None otherwise.
+        self.written: set[int] | None = None
 
     def __iter__(self):
         return iter(self._regions)
@@ -142,6 +150,8 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes) -> None:
         self.view(gpa, len(data))[:] = data
+        if self.written is not None and data:
+            self.written.update(range(gpa >> 12, ((gpa + len(data) - 1) >> 12) + 1))
 
     def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
         """Bytes at ``gpa`` up to (not including) a NUL, at most ``limit``, within one region."""
@@ -155,7 +165,10 @@ class GuestMemory:
         return struct.unpack(fmt, self.view(gpa, struct.calcsize(fmt)))[0]
 
     def _pack(self, fmt: str, gpa: int, value: int) -> None:
-        struct.pack_into(fmt, self.view(gpa, struct.calcsize(fmt)), 0, value)
+        size = struct.calcsize(fmt)
+        struct.pack_into(fmt, self.view(gpa, size), 0, value)
+        if self.written is not None:
+            self.written.update((gpa >> 12, (gpa + size - 1) >> 12))
 
     def read_u8(self, gpa: int) -> int:
         return self._unpack("<B", gpa)

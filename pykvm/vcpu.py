@@ -42,6 +42,9 @@ def _install_kick_handler() -> bool:
     return True
 
 
+DIRTY_LOG_PAGE_OFFSET = 64  # <asm/kvm.h>: where a vCPU's dirty ring is in its mmap, in pages
+
+
 class Vcpu(FdObject):
     """One virtual CPU. :meth:`run` enters the guest and returns the exit as a value."""
 
@@ -316,8 +319,21 @@ class Vcpu(FdObject):
         """A file descriptor of this vCPU's binary statistics. Wraps ``KVM_GET_STATS_FD``."""
         return self._ioctl("KVM_GET_STATS_FD")
 
+    def map_dirty_ring(self, entries: int):
+        """Map this vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING enabled on the VM with ``entries``
+        * 16 bytes): an array of ``struct kvm_dirty_gfn`` at page KVM_DIRTY_LOG_PAGE_OFFSET (64 on
+        x86) of the vCPU fd, shared with KVM, unmapped by :meth:`close`."""
+        self._ring_map = mmap.mmap(self._fd, entries * 16, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        self.dirty_ring = ffi.from_buffer("struct kvm_dirty_gfn[]", self._ring_map)
+        return self.dirty_ring
+
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the fd. Idempotent."""
+        ring_map = getattr(self, "_ring_map", None)
+        if ring_map is not None and not ring_map.closed:
+            ffi.release(self.dirty_ring)
+            ring_map.close()
         run_map = getattr(self, "_run_map", None)
         for cache in (getattr(self, "_io_exits", {}), getattr(self, "_mmio_exits", {}), getattr(self, "_msr_exits", {})):
             cache.clear()  # their views of reads would hold the mapping

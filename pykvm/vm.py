@@ -52,14 +52,16 @@ class Vm(FdObject):
         self._ioctl("KVM_SET_USER_MEMORY_REGION", region)
 
     def add_memory(
-        self, gpa: int, size: int, *, slot: int | None = None, readonly: bool = False, log_dirty: bool = False
+        self, gpa: int, size: int, *, slot: int | None = None, readonly: bool = False, log_dirty: bool = False,
+        backing=None,
     ) -> MemoryRegion:
-        """Allocate ``size`` bytes of host memory and map it into the guest at ``gpa``."""
+        """Allocate ``size`` bytes of host memory (or take ``backing``, an mmap of that size) and
+        map it into the guest at ``gpa``."""
         slot = self.memory.free_slot() if slot is None else slot
         self.memory.check_free(slot, gpa, size)
         if readonly and not self.kvm.has_cap(Cap.READONLY_MEM):
             raise ValueError("this KVM has no read-only memory slots (KVM_CAP_READONLY_MEM)")
-        region = MemoryRegion.allocate(slot, gpa, size, readonly=readonly, log_dirty=log_dirty)
+        region = MemoryRegion.allocate(slot, gpa, size, readonly=readonly, log_dirty=log_dirty, backing=backing)
         flags = (MEM_READONLY if readonly else 0) | (MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         try:
             self.set_user_memory_region(slot, flags, gpa, size, region.hva)
@@ -86,6 +88,22 @@ class Vm(FdObject):
         log.dirty_bitmap = bitmap
         self._ioctl("KVM_GET_DIRTY_LOG", log)
         return bytes(ffi.buffer(bitmap))[: (pages + 7) // 8]
+
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes) -> None:
+        """Write-protect again the pages set in ``bitmap`` (one bit a page from ``first_page``, a
+        multiple of 64) and clear their dirty bits: with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        KVM_GET_DIRTY_LOG leaves both to this call. Wraps ``KVM_CLEAR_DIRTY_LOG``."""
+        words = ffi.new("uint64_t[]", max((len(bitmap) + 7) // 8, 1))
+        ffi.memmove(words, bitmap, len(bitmap))
+        log = ffi.new("struct kvm_clear_dirty_log *", {"slot": slot, "num_pages": len(bitmap) * 8,
+                                                        "first_page": first_page})
+        log.dirty_bitmap = words
+        self._ioctl("KVM_CLEAR_DIRTY_LOG", log)
+
+    def reset_dirty_rings(self) -> int:
+        """Write-protect again every page the vCPUs' dirty rings hand back as harvested (flags
+        RESET); returns how many. Wraps ``KVM_RESET_DIRTY_RINGS``."""
+        return self._ioctl("KVM_RESET_DIRTY_RINGS")
 
     def set_tss_addr(self, gpa: int) -> None:
         """Where KVM may put its 3-page real-mode TSS (Intel without unrestricted guest). Wraps ``KVM_SET_TSS_ADDR``."""

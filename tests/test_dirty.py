@@ -1,0 +1,124 @@
+"""Dirty-page tracking (pykvm/dirty.py) through the bitmap and the ring, and the fast reset built
+on it (Machine.checkpoint / Machine.reset)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pykvm import dirty
+from pykvm.machine import Machine, Paused
+
+pytestmark = pytest.mark.kvm
+
+COUNTER_BASE, COUNTER_PAGES = 0x200000, 512  # guests/counter.S
+
+
+def _pause_at(m, count: int) -> None:
+    text = f"count {count:08x}\n".encode()
+
+    def after(exit, vcpu):
+        if m.debugcon.captured.endswith(text):
+            m.pause()
+
+    m.after_exit = after
+
+
+def _ram_digest(m) -> str:
+    return hashlib.sha256(m.ram._map[:]).hexdigest()
+
+
+def _ring_or_skip(kvm_machine_kwargs=None) -> Machine:
+    m = Machine(dirty="bitmap")  # a probe for the capability on a VM of the same KVM
+    try:
+        offered = dirty.ring_offered(m.vm)
+    finally:
+        m.close()
+    if offered < dirty.RING_ENTRIES * 16:
+        pytest.skip(f"this KVM offers no dirty ring of {dirty.RING_ENTRIES * 16} bytes (KVM_CAP_DIRTY_LOG_RING: {offered})")
+    return Machine(dirty="ring")
+
+
+def _machine(kind: str) -> Machine:
+    return _ring_or_skip() if kind == "ring" else Machine(dirty="bitmap")
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "ring"])
+def test_the_pages_a_guest_writes_are_the_pages_collected(guest, kind):
+    with _machine(kind) as m:
+        assert m.dirty.kind == kind
+        m.load_flat(guest("counter"), "long")
+        m.dirty.collect()  # the loader's writes are not the guest's
+        _pause_at(m, 2)  # two rounds: 1,024 page writes, well inside one ring
+        assert isinstance(m.run(timeout=60), Paused)
+        pages = m.dirty.collect()
+        pattern = set(range(COUNTER_BASE >> 12, (COUNTER_BASE >> 12) + COUNTER_PAGES))
+        assert pattern <= pages  # every page of the pattern, each written twice, is there once
+        assert len(pages - pattern) < 8  # and little else (the stack, KVM's own pages)
+        assert m.dirty.collect() == set()  # nothing ran since
+        m.memory.write(0x5000, b"host")  # pykvm's own writes are marked by GuestMemory
+        m.memory.write_u64(0x7FF8, 1)
+        assert m.dirty.collect() == {0x5, 0x7}
+
+
+@pytest.mark.parametrize("kind", ["bitmap", "ring"])
+def test_reset_puts_back_memory_registers_and_output_position(guest, kind):
+    with _machine(kind) as m:
+        m.load_flat(guest("counter"), "long")
+        _pause_at(m, 2)
+        m.run(timeout=60)
+        m.checkpoint()
+        at_checkpoint, rip = _ram_digest(m), m.vcpu.get_regs().rip
+        _pause_at(m, 4)
+        m.run(timeout=60)
+        first = m.console_output[-30:]
+        m.memory.write(0x300000, b"scribbled by the host")
+        result = m.reset()
+        assert 512 <= result["pages"] < m.ram.size >> 12  # the pattern pages, not all of RAM
+        assert _ram_digest(m) == at_checkpoint and m.vcpu.get_regs().rip == rip
+        m.run(timeout=60)  # the same two rounds again
+        assert m.console_output[-30:] == first
+
+
+def test_many_resets_in_a_row_each_start_from_the_checkpoint(guest):
+    with Machine(dirty="bitmap") as m:
+        m.load_flat(guest("counter"), "long")
+        _pause_at(m, 1)
+        m.run(timeout=60)
+        m.checkpoint()
+        at_checkpoint = _ram_digest(m)
+        m.after_exit = None
+        for _ in range(5):
+            assert m.run(timeout=60).ok  # to the end (199 rounds)
+            assert m.console_output.endswith(b"count 000000c8\n")
+            m.reset()
+            assert _ram_digest(m) == at_checkpoint
+
+
+def test_reset_is_refused_without_a_checkpoint_and_while_a_vcpu_runs(guest):
+    with Machine() as m:
+        m.load_flat(guest("counter"), "long")
+        with pytest.raises(RuntimeError, match="reset needs a checkpoint first"):
+            m.reset()
+        _pause_at(m, 1)
+        m.run(timeout=60)
+        m.checkpoint()
+        errors = []
+
+        def after(exit, vcpu):
+            if not errors:
+                try:
+                    m.reset()
+                except RuntimeError as e:
+                    errors.append(str(e))
+
+        m.after_exit = after
+        assert m.run(timeout=60).ok  # refused, and the run goes on unharmed to DONE
+        assert errors == ["a reset needs the vCPUs stopped: pause the machine first (Machine.pause)"]
+        assert m.console_output.endswith(b"count 000000c8\n")
+
+
+def test_unknown_tracking_is_refused():
+    with pytest.raises(ValueError, match="dirty must be None, 'auto', 'ring' or 'bitmap'"):
+        Machine(dirty="sometimes")

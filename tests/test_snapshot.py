@@ -1,0 +1,240 @@
+"""Snapshots (pykvm/snapshot.py): the file format checked section by section, and a running guest
+saved, restored in another process, and going on from the same point with the same memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pykvm import snapshot
+from pykvm.machine import Machine, Paused
+from pykvm.snapshot import SnapshotError
+
+PAGE = snapshot.PAGE
+
+
+def _ram(pages: int, used: dict[int, bytes]) -> bytearray:
+    ram = bytearray(pages * PAGE)
+    for n, data in used.items():
+        ram[n * PAGE : n * PAGE + len(data)] = data
+    return ram
+
+
+def _sections():
+    return [("header", {"kvm_api_version": 12, "note": "ü"}), ("vcpu0", {"structs": {"regs": "00" * 8}})]
+
+
+def test_a_file_reads_back_as_written_with_zero_pages_left_as_holes(tmp_path):
+    path = tmp_path / "s.snap"
+    ram = _ram(4096, {0: b"\x01" * PAGE, 7: b"seven", 4095: b"\xff" * 10})  # 16 MiB, three pages used
+    sizes = snapshot.write(path, _sections(), ram)
+    assert sizes["pages_saved"] == 3 and sizes["ram"] == len(ram)
+    assert os.stat(path).st_blocks * 512 < 1 << 20  # 16 MiB of RAM, well under 1 MiB on disk
+    snap = snapshot.read(path)
+    assert snap.sections == dict(_sections()) and snap.memory_size == len(ram)
+    assert snap.memory_offset % PAGE == 0
+    with snap.map_memory() as mem:
+        assert mem[:] == ram
+        mem[0:4] = b"copy"  # copy-on-write: the file keeps its bytes
+    assert snapshot.read(path).map_memory()[0:4] == b"\x01" * 4
+
+
+def _corrupt(path, offset: int, value: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value)
+
+
+def test_a_damaged_section_is_named_with_its_crc(tmp_path):
+    path = tmp_path / "s.snap"
+    snapshot.write(path, _sections(), _ram(16, {3: b"three"}))
+    raw = path.read_bytes()
+    at = raw.index(b'"structs"')
+    _corrupt(path, at + 2, b"X")
+    with pytest.raises(SnapshotError, match=r"section vcpu0: CRC 0x[0-9a-f]{8}, the file says 0x[0-9a-f]{8}"):
+        snapshot.read(path)
+
+
+def test_damaged_memory_is_caught_when_it_is_mapped(tmp_path):
+    path = tmp_path / "s.snap"
+    snapshot.write(path, _sections(), _ram(16, {3: b"three"}))
+    snap = snapshot.read(path)
+    _corrupt(path, snap.memory_offset + 3 * PAGE + 1, b"H")
+    with pytest.raises(SnapshotError, match="section memory: CRC"):
+        snapshot.read(path).map_memory()
+
+
+def test_truncated_files_another_version_and_other_files_are_refused(tmp_path):
+    path = tmp_path / "s.snap"
+    snapshot.write(path, _sections(), _ram(16, {15: b"last"}))
+    raw = path.read_bytes()
+    for cut, message in ((10, "not a pykvm snapshot"), (40, "truncated: section 1 of 4 is missing"), (60, "truncated: section header has"),
+                         (len(raw) - 100, "truncated: section memory needs")):
+        (tmp_path / "cut").write_bytes(raw[:cut])
+        with pytest.raises(SnapshotError, match=message):
+            snapshot.read(tmp_path / "cut")
+    (tmp_path / "v2").write_bytes(raw[:8] + (2).to_bytes(4, "little") + raw[12:])
+    with pytest.raises(SnapshotError, match="format version 2; this pykvm reads version 1"):
+        snapshot.read(tmp_path / "v2")
+    with pytest.raises(SnapshotError, match="cannot open"):
+        snapshot.read(tmp_path / "missing")
+
+
+# ---- a running machine ---------------------------------------------------------------------------
+
+RESTORE = textwrap.dedent("""
+    import hashlib, json, sys
+    from pykvm.machine import Machine
+    m = Machine.from_snapshot(sys.argv[1], console=sys.stdout.buffer)
+    digests = lambda: [hashlib.sha256(m.memory.read(gpa, 4096)).hexdigest() for gpa in range(0, m.ram.size, 4096)]
+    before = digests()
+    outcome = m.run(timeout=120)
+    json.dump({"before": before, "after": digests(), "status": outcome.status}, open(sys.argv[2], "w"))
+""")
+
+
+def _digests(m) -> list[str]:
+    return [hashlib.sha256(m.memory.read(gpa, PAGE)).hexdigest() for gpa in range(0, m.ram.size, PAGE)]
+
+
+def _pause_at(m, text: bytes) -> None:
+    def after(exit, vcpu):
+        if m.debugcon.captured.endswith(text):
+            m.pause()
+
+    m.after_exit = after
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("irqchip", [False, True], ids=["no-irqchip", "irqchip"])
+def test_a_counting_guest_restored_in_another_process_goes_on_where_it_stopped(guest, tmp_path, irqchip):
+    path = tmp_path / "counter.snap"
+    with Machine(irqchip=irqchip) as m:
+        m.load_flat(guest("counter"), "long")
+        _pause_at(m, b"count 00000010\n")
+        assert isinstance(m.run(timeout=120), Paused)
+        sizes = m.snapshot(path)
+        at_snapshot = _digests(m)
+        assert sizes["pages_saved"] < m.ram.size // PAGE  # zero pages are not written
+        m.after_exit = None
+        assert m.run(timeout=120).ok  # the source goes on too, to compare the ends
+        source_out, source_end = m.debugcon.captured, _digests(m)
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", RESTORE, str(path), str(result)], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(result.read_text())
+    assert doc["status"] == 0
+    assert doc["before"] == at_snapshot  # every page as it was saved
+    assert doc["after"] == source_end  # and as the source left it after the same rounds
+    expected = source_out[source_out.index(b"count 00000011") :]
+    assert proc.stdout == expected  # the count goes on from 0x11, nothing repeated or lost
+    assert proc.stdout.endswith(b"count 000000c8\n")
+
+
+@pytest.mark.kvm
+def test_a_snapshot_needs_the_vcpus_stopped(guest, tmp_path):
+    with Machine() as m:
+        m.load_flat(guest("counter"), "long")
+        errors = []
+
+        def after(exit, vcpu):
+            if not errors:
+                try:
+                    m.snapshot(tmp_path / "x.snap")
+                except RuntimeError as e:
+                    errors.append(str(e))
+
+        m.after_exit = after
+        assert m.run(timeout=120).ok  # refused, and the run was not harmed
+    assert errors == ["a snapshot is taken between runs: pause the machine first (Machine.pause)"]
+    assert not (tmp_path / "x.snap").exists()
+
+
+@pytest.mark.kvm
+def test_a_snapshot_whose_msr_this_kvm_lacks_is_refused(guest, tmp_path):
+    path, forged = tmp_path / "s.snap", tmp_path / "forged.snap"
+    with Machine() as m:
+        m.load_flat(guest("counter"), "long")
+        _pause_at(m, b"count 00000002\n")
+        m.run(timeout=120)
+        m.snapshot(path)
+    snap = snapshot.read(path)
+    sections = [(name, doc) for name, doc in snap.sections.items()]
+    sections[0][1]["msr_indices"].append(0x4B564DFF)  # an MSR index no KVM has
+    with snap.map_memory() as mem:
+        snapshot.write(forged, sections, mem)
+    with pytest.raises(SnapshotError, match="cannot restore MSR 0x4b564dff"):
+        Machine.from_snapshot(forged)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+def _pykvm(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pykvm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.kvm
+def test_run_snapshot_on_a_signal_then_restore_goes_on_from_there(tmp_path):
+    """The UART, fw_cfg, CMOS and the rest of pykvm run's PC devices are saved too: the restored
+    run's output is the source's from the count after the snapshot on."""
+    from pykvm.images import guest_image
+
+    path = tmp_path / "vm.snap"
+    proc = _pykvm("run", str(guest_image("counter")), "--snapshot-on", "USR1", str(path))
+    first = proc.stdout.readline()  # the guest is running
+    assert first.startswith(b"count ")
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert re.search(rb"pykvm: snapshot .*vm.snap: 4096 KiB of guest memory, \d+ pages written", err)
+    source = first + out
+    restored = subprocess.run([sys.executable, "-m", "pykvm", "restore", str(path)], capture_output=True, timeout=120)
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert restored.stdout and source.endswith(restored.stdout)  # the rest of the source's output, no more
+    assert restored.stdout.startswith(b"count ") and restored.stdout.endswith(b"count 000000c8\n")
+    assert len(restored.stdout) < len(source)
+
+
+@pytest.mark.kvm
+def test_run_snapshot_on_exit_saves_where_the_timeout_stopped_it(tmp_path):
+    from pykvm.images import guest_image
+
+    path = tmp_path / "vm.snap"
+    source = subprocess.run([sys.executable, "-m", "pykvm", "run", str(guest_image("counter")), "--timeout", "0.2",
+                             "--snapshot-on", "exit", str(path)], capture_output=True, timeout=120)
+    assert source.returncode == 74, source.stderr.decode()  # the timeout's status, as without a snapshot
+    assert b"ran past the 0.2 s timeout" in source.stderr
+    doc = json.loads(subprocess.run([sys.executable, "-m", "pykvm", "restore", str(path), "--json"],
+                                    capture_output=True, timeout=120).stdout)
+    assert doc["status"] == 0 and doc["result"] == "done"
+    everything = "".join(f"count {n:08x}\n" for n in range(1, 201))
+    assert source.stdout and len(source.stdout) < len(everything)
+    assert source.stdout.decode() + doc["console"] == everything  # not a byte lost or repeated, mid-line too
+
+
+def test_snapshot_on_refuses_what_it_cannot_catch():
+    from pykvm.snapcli import parse_snapshot_on
+
+    assert parse_snapshot_on("usr1", "f").signum == signal.SIGUSR1
+    assert parse_snapshot_on("SIGHUP", "f").signum == signal.SIGHUP
+    assert parse_snapshot_on("exit", "f").signum is None
+    for bad in ("KILL", "STOP", "nonsense"):
+        with pytest.raises(ValueError, match="not a signal pykvm can catch"):
+            parse_snapshot_on(bad, "f")
+
+
+def test_restore_of_a_bad_file_is_one_line_and_status_64(tmp_path):
+    (tmp_path / "junk.snap").write_bytes(b"not a snapshot at all")
+    for name, message in (("junk.snap", "not a pykvm snapshot"), ("missing.snap", "cannot open")):
+        proc = subprocess.run([sys.executable, "-m", "pykvm", "restore", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 64 and proc.stderr.count("\n") == 1 and message in proc.stderr
