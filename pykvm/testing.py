@@ -88,7 +88,7 @@ __all__ = [
 CACHE_VERSION = 1
 
 #: Tests that use these fixtures need /dev/kvm: the plugin marks them ``kvm``.
-KVM_FIXTURES = ("kvm_machine", "run_guest")
+KVM_FIXTURES = ("kvm_machine", "kvm_reset_machine", "run_guest")
 
 #: Flags for freestanding C guests. No SSE (this machine's KVM emulates CPL0 code and has no
 #: SSE/AVX there), no red zone and no CET landing pads (bare-metal code), and no loops turned
@@ -783,6 +783,70 @@ def kvm_machine(request: pytest.FixtureRequest):
     yield make
     for m in machines:
         m.close()
+
+
+@pytest.fixture(scope="session")
+def _reset_machines():
+    pool: dict = {}
+    yield pool
+    for m, _routes in pool.values():
+        m.close()
+
+
+@pytest.fixture
+def kvm_reset_machine(request: pytest.FixtureRequest, _reset_machines):
+    """``kvm_reset_machine(image, mode=None, *, mem=4 MiB, cpus=1, irqchip=False, load=None,
+    entry=None, **Machine options) -> Machine``: as :func:`kvm_machine`, but built once per session
+    for each set of arguments and checkpointed after loading; every test that asks for the same
+    arguments gets it reset to that checkpoint (only the pages the last test dirtied are copied
+    back, then the vCPU and device state) instead of a new machine. The port, MMIO and exit
+    handlers a test registers are taken back too; a test that registers an MSR handler or a
+    coalesced zone, which KVM holds, fails (use kvm_machine)."""
+    state = _state(request.config)
+    machines: list[Machine] = []
+    request.node.stash[_MACHINES] = machines
+    used = []
+
+    def make(image: bytes, mode: Mode | str | None = None, *, mem: int = layout.DEFAULT_MEM_SIZE, cpus: int = 1,
+             irqchip: bool | str = False, load: int | None = None, entry: int | None = None, **options) -> Machine:
+        __tracebackhide__ = True
+        built = image if isinstance(image, GuestImage) else None
+        mode = Mode(mode or (built.mode if built is not None else Mode.LONG))
+        try:
+            key = (bytes(image), mode, mem, cpus, irqchip, load, entry, tuple(sorted(options.items())))
+            hash(key)
+        except TypeError:
+            pytest.fail("kvm_reset_machine: its arguments must be hashable (a machine is kept per set of them)")
+        if key in _reset_machines:
+            m, routes = _reset_machines[key]
+            m.reset()
+            m.bus.restore_routes(routes[0])
+            m._exit_handlers.clear()
+            m._exit_handlers.update(routes[1])
+            m._hypercalls.clear()
+            m._hypercalls.update(routes[2])
+        else:
+            reason = None
+            try:
+                m = Machine(mem, cpus=cpus, irqchip=irqchip, dirty="auto", **options)
+                m.load_flat(image, mode, load=load if built is None or load is not None else built.load,
+                            entry=entry if built is None or entry is not None else built.entry)
+                m.checkpoint()
+            except (KvmUnavailableError, KvmUnsupportedError) as e:
+                reason = str(e.strerror if isinstance(e, KvmUnavailableError) else e)
+            if reason:
+                state.unable(reason)
+            routes = (m.bus.save_routes(), dict(m._exit_handlers), dict(m._hypercalls))
+            _reset_machines[key] = (m, routes)
+        machines.append(m)
+        used.append(m)
+        return m
+
+    yield make
+    for m in used:
+        if m._msr_handlers or m._coalesced:
+            pytest.fail("kvm_reset_machine: the test registered an MSR handler or a coalesced zone, which KVM "
+                        "holds and a reset cannot take back; use kvm_machine for it")
 
 
 @pytest.fixture

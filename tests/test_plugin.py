@@ -598,3 +598,37 @@ def test_the_worked_example_passes(pytester):
     outcomes = result.parseoutcomes()
     assert result.ret == 0, result.stdout.str()
     assert outcomes.get("passed", 0) + outcomes.get("skipped", 0) >= 17 and "failed" not in outcomes
+
+
+@pytest.mark.kvm
+def test_kvm_reset_machine_is_built_once_and_reset_for_each_test(pytester):
+    """Three tests ask for the same guest: one machine, reset between them (each starts at the
+    entry with the memory of the checkpoint, its port handler registered again without a clash)."""
+    from pykvm.images import guest_image
+
+    pytester.makepyfile(f"""
+        IMAGE = open({str(guest_image("counter"))!r}, "rb").read()
+        seen = []
+
+        def _use(kvm_reset_machine):
+            m = kvm_reset_machine(IMAGE)
+            seen.append(id(m))
+            assert m.vcpu.get_regs().rip == 0x100000
+            assert m.memory.read(0x200008, 8) == bytes(8)  # round 1 of the last test wrote here: gone
+            m.on_port(0x7FF, lambda exit, vcpu: None)
+            assert m.run(timeout=60).ok
+            assert m.console_output.startswith(b"count 00000001") and m.console_output.endswith(b"count 000000c8\\n")
+
+        def test_a(kvm_reset_machine):
+            _use(kvm_reset_machine)
+
+        def test_b(kvm_reset_machine):
+            _use(kvm_reset_machine)
+
+        def test_c(kvm_reset_machine):
+            _use(kvm_reset_machine)
+
+        def test_one_machine():
+            assert len(seen) == 3 and len(set(seen)) == 1
+    """)
+    run(pytester, "-p", "no:randomly").assert_outcomes(passed=4)

@@ -46,6 +46,19 @@ class Bus:
         #: in place whenever an MMIO range is added or removed.
         self._mmio_hits: dict[int, Route] = {}
 
+    def save_routes(self) -> tuple:
+        """Every route as it is now (for :meth:`restore_routes`)."""
+        return dict(self._ports), list(self._mmio)
+
+    def restore_routes(self, saved: tuple) -> None:
+        """Put back the routes :meth:`save_routes` gave, in place (a run loop holds the dictionaries)."""
+        ports, mmio = saved
+        self._ports.clear()
+        self._ports.update(ports)
+        self._mmio[:] = mmio
+        self._mmio_starts[:] = [r.start for r in mmio]
+        self._mmio_hits.clear()
+
     def add_port(self, port: int, handler: Handler, count: int = 1, name: str | None = None) -> None:
         """Route ports [port, port + count) to ``handler``."""
         if not (port >= 0 and count > 0 and port + count <= 0x10000):
