@@ -7,7 +7,9 @@ since the last look.
 - :class:`RingTracker`: a ring per vCPU (KVM_CAP_DIRTY_LOG_RING, enabled before the vCPUs exist):
   KVM appends each page a vCPU dirties, pykvm harvests the entries and hands them back with
   KVM_RESET_DIRTY_RINGS. A full ring stops that vCPU with KVM_EXIT_DIRTY_RING_FULL, which
-  :meth:`RingTracker.ring_full` answers (Machine registers it).
+  :meth:`RingTracker.ring_full` answers (Machine registers it). On kvm_pvm the ring loses pages
+  once it has wrapped (the next lap's first entries are never marked dirty), so Machine refuses
+  it there and ``dirty="auto"`` takes the bitmap.
 
 KVM sees only what the guest writes. What pykvm itself writes into guest memory through
 :class:`~pykvm.memory.GuestMemory` (a device's DMA, a loader) is marked there (``written``) and

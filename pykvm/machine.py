@@ -220,9 +220,13 @@ class Machine:
                 if pit is not False:
                     self.vm.create_pit2()
             self._has_pit = bool(irqchip is True and pit is not False)
-            # "auto" takes the ring where it is offered, but not on kvm_pvm: its rings stall (a
-            # full ring whose next entry was never marked dirty, see pykvm.dirty)
-            ring = dirty == "ring" or (dirty == "auto" and _backend() != "kvm_pvm")
+            # "auto" takes the ring where it is offered, but not on kvm_pvm (see pykvm.dirty)
+            pvm = dirty in ("ring", "auto") and _backend() == "kvm_pvm"
+            if dirty == "ring" and pvm:
+                raise KvmUnsupportedError(
+                    "kvm_pvm's dirty ring loses pages once it has wrapped (after a KVM_EXIT_DIRTY_RING_FULL the "
+                    "next lap's first entries are never marked dirty): use the dirty bitmap (dirty='bitmap' or 'auto')")
+            ring = dirty == "ring" or (dirty == "auto" and not pvm)
             ring = ring and dirty_ring_offered(self.vm) >= DIRTY_RING_ENTRIES * 16
             if dirty == "ring" and not ring:
                 raise KvmUnsupportedError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) of "
