@@ -29,6 +29,15 @@ MANUAL_PROTECT_ENABLE = 1 << 0
 RING_ENTRIES = 4096  # 64 KiB a vCPU: KVM_EXIT_DIRTY_RING_FULL after about 4,000 pages between harvests
 
 
+def pages_of(bitmap: bytes):
+    """The page numbers whose bits are set in ``bitmap`` (bit n of byte n // 8: page n), in order."""
+    for i, byte in enumerate(bitmap):
+        while byte:
+            low = byte & -byte
+            yield i * 8 + low.bit_length() - 1
+            byte ^= low
+
+
 class DirtyRingStuck(RuntimeError):
     """KVM reports a vCPU's dirty ring full, but hands back no entry to harvest."""
 
@@ -82,13 +91,7 @@ class BitmapTracker(DirtyTracker):
         bitmap = self.vm.get_dirty_log(self.region.slot)
         if self.manual and any(bitmap):
             self.vm.clear_dirty_log(self.region.slot, 0, bitmap)
-        pages = set()
-        for i, byte in enumerate(bitmap):
-            while byte:
-                low = byte & -byte
-                pages.add(i * 8 + low.bit_length() - 1)
-                byte ^= low
-        return pages
+        return set(pages_of(bitmap))
 
 
 class RingTracker(DirtyTracker):
@@ -145,6 +148,27 @@ class RingTracker(DirtyTracker):
 def ring_offered(vm) -> int:
     """The largest dirty ring KVM offers, in bytes (0: none)."""
     return max(vm.check_extension(Cap.DIRTY_LOG_RING), 0)
+
+
+def wants_ring(vm, dirty: str) -> bool:
+    """Whether ``Machine(dirty=...)`` ("auto", "ring" or "bitmap") takes the ring on this VM's
+    KVM: "auto" where a ring of RING_ENTRIES is offered, but not on kvm_pvm, whose ring loses
+    pages; "ring" raises KvmUnsupportedError, with the reason, where it would not be taken."""
+    from .ioctl import KvmUnsupportedError
+    from .probe.host import kvm_backend  # only where asked: pykvm.probe is not light
+
+    if dirty == "bitmap":
+        return False
+    if kvm_backend() == "kvm_pvm":
+        if dirty == "ring":
+            raise KvmUnsupportedError(
+                "kvm_pvm's dirty ring loses pages once it has wrapped (after a KVM_EXIT_DIRTY_RING_FULL the "
+                "next lap's first entries are never marked dirty): use the dirty bitmap (dirty='bitmap' or 'auto')")
+        return False
+    offered = ring_offered(vm) >= RING_ENTRIES * 16
+    if dirty == "ring" and not offered:
+        raise KvmUnsupportedError(f"this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) of {RING_ENTRIES * 16} bytes")
+    return offered
 
 
 def enable_ring(vm, entries: int = RING_ENTRIES) -> None:

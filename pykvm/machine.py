@@ -37,9 +37,8 @@ from .devices.debugcon import DebugConsole
 from .devices.ioapic import PINS as IOAPIC_PINS
 from .devices.ioapic import Ioapic
 from .ioctl import KvmError, KvmUnsupportedError
-from .dirty import RING_ENTRIES as DIRTY_RING_ENTRIES
 from .dirty import enable_ring as enable_dirty_ring
-from .dirty import ring_offered as dirty_ring_offered
+from .dirty import wants_ring as dirty_wants_ring
 from .stats import Counters
 from .report import CpuState, decode, read_virtual, read_virtual_cstring
 from .system import Kvm
@@ -220,17 +219,7 @@ class Machine:
                 if pit is not False:
                     self.vm.create_pit2()
             self._has_pit = bool(irqchip is True and pit is not False)
-            # "auto" takes the ring where it is offered, but not on kvm_pvm (see pykvm.dirty)
-            pvm = dirty in ("ring", "auto") and _backend() == "kvm_pvm"
-            if dirty == "ring" and pvm:
-                raise KvmUnsupportedError(
-                    "kvm_pvm's dirty ring loses pages once it has wrapped (after a KVM_EXIT_DIRTY_RING_FULL the "
-                    "next lap's first entries are never marked dirty): use the dirty bitmap (dirty='bitmap' or 'auto')")
-            ring = dirty == "ring" or (dirty == "auto" and not pvm)
-            ring = ring and dirty_ring_offered(self.vm) >= DIRTY_RING_ENTRIES * 16
-            if dirty == "ring" and not ring:
-                raise KvmUnsupportedError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING) of "
-                                          f"{DIRTY_RING_ENTRIES * 16} bytes")
+            ring = dirty is not None and dirty_wants_ring(self.vm, dirty)
             if ring:
                 enable_dirty_ring(self.vm)  # before the first vCPU, or KVM refuses it
             self.supported_cpuid = self.kvm.supported_cpuid()
@@ -632,10 +621,11 @@ class Machine:
         except GuestError:
             raise
         except Exception as e:
-            raise HandlerError(
-                f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
-                CpuState.capture(vcpu, self.memory), exit,
-            ) from e
+            raise self._handler_error(exit, vcpu, e) from e
+
+    def _handler_error(self, exit, vcpu, e: Exception) -> HandlerError:
+        return HandlerError(f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
+                            CpuState.capture(vcpu, self.memory), exit)
 
     def on_msr(self, index: int, read: Callable | None = None, write: Callable | None = None) -> None:
         """Emulate MSR ``index`` in Python: ``read(vcpu) -> value`` and ``write(vcpu, value)``.
@@ -983,10 +973,7 @@ class Machine:
             except GuestError:
                 raise
             except Exception as e:
-                raise HandlerError(
-                    f"the handler for {describe_exit(exit)} raised {type(e).__name__}: {e}",
-                    CpuState.capture(vcpu, self.memory), exit,
-                ) from e
+                raise self._handler_error(exit, vcpu, e) from e
             counts[key] += 1
             if timing:
                 seconds[key] += clock() - start
@@ -1090,12 +1077,6 @@ class Machine:
         for counters in self._counters or ():
             counters.close()
         self._counters = None
-
-
-def _backend() -> str | None:
-    from .probe.host import kvm_backend  # only where asked: pykvm.probe is not light
-
-    return kvm_backend()
 
 
 RFLAGS_AC = 1 << 18

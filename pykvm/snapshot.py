@@ -25,11 +25,12 @@ import mmap
 import os
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._ffi import ffi
 from .constants import Cap
+from .dirty import pages_of
 
 MAGIC = b"PYKVMSNP"
 FORMAT_VERSION = 1
@@ -212,12 +213,8 @@ def _zero_bitmap_and_crc(ram) -> tuple[bytes, int, int]:
 
 def _pages_crc(ram, bitmap: bytes) -> int:
     crc = 0
-    for byte_index, byte in enumerate(bitmap):
-        if byte:
-            for bit in range(8):
-                if byte >> bit & 1:
-                    off = (byte_index * 8 + bit) * PAGE
-                    crc = zlib.crc32(ram[off : off + PAGE], crc)
+    for page in pages_of(bitmap):
+        crc = zlib.crc32(ram[page * PAGE : (page + 1) * PAGE], crc)
     return crc
 
 
@@ -244,17 +241,12 @@ def write(path: str | os.PathLike, sections: list[tuple[str, dict]], ram) -> dic
         start = -(-f.tell() // PAGE) * PAGE  # the memory starts on a page of the file: it can be mapped
         f.write(bytes(start - f.tell()))
         view = memoryview(ram)
-        for byte_index, byte in enumerate(bitmap):
-            if byte:
-                for bit in range(8):
-                    if byte >> bit & 1:
-                        off = (byte_index * 8 + bit) * PAGE
-                        f.seek(start + off)
-                        f.write(view[off : off + PAGE])
+        for page in pages_of(bitmap):
+            f.seek(start + page * PAGE)
+            f.write(view[page * PAGE : (page + 1) * PAGE])
         f.truncate(start + len(ram))  # the zero pages stay holes
         f.flush()
         os.fsync(f.fileno())
-        size = f.tell()
     os.replace(tmp, path)
     return {"file": os.path.getsize(path), "ram": len(ram), "pages_saved": used, "bytes_saved": used * PAGE,
             "on_disk": os.stat(path).st_blocks * 512}
@@ -354,6 +346,21 @@ def _devices(machine) -> list:
     return [machine.debugcon, *machine._devices]
 
 
+def _capture(machine, what: str) -> tuple[list[VcpuState], VmState, list[dict]]:
+    """Every vCPU's state (its last exit's I/O completed first), the in-kernel devices' and each
+    device model's save(), in _devices order; a device that cannot say its state is a SnapshotError."""
+    for vcpu in machine.vcpus:
+        _complete_pending_io(vcpu)
+    msr_indices = machine.kvm.get_msr_index_list()
+    vcpus = [VcpuState.capture(v, machine.vm, msr_indices, lapic=bool(machine.irqchip)) for v in machine.vcpus]
+    vm_state = VmState.capture(machine.vm, irqchip=machine.irqchip is True, pit=machine._has_pit)
+    try:
+        states = [d.save() for d in _devices(machine)]
+    except NotImplementedError as e:
+        raise SnapshotError(f"this machine cannot be {what}: {e}") from None
+    return vcpus, vm_state, states
+
+
 def _not_data(machine) -> list[str]:
     return [name for name, args in machine.recipe["platform"] if args is None]
 
@@ -376,22 +383,12 @@ def save_machine(machine, path) -> dict:
         raise SnapshotError(f"this machine cannot be snapshotted yet: its {', '.join(not_data)} part "
                             "does not say what its state is")
     start = time.monotonic()
-    for vcpu in machine.vcpus:
-        _complete_pending_io(vcpu)
-    paused = time.monotonic()
-    kvm, vm = machine.kvm, machine.vm
-    msr_indices = kvm.get_msr_index_list()
-    vcpus = [VcpuState.capture(v, vm, msr_indices, lapic=bool(machine.irqchip)) for v in machine.vcpus]
-    vm_state = VmState.capture(vm, irqchip=machine.irqchip is True, pit=machine._has_pit)
-    devices = []
-    for device in _devices(machine):
-        try:
-            devices.append({"type": type(device).__name__, "state": device.save()})
-        except NotImplementedError as e:
-            raise SnapshotError(f"this machine cannot be snapshotted: {e}") from None
+    vcpus, vm_state, states = _capture(machine, "snapshotted")
+    devices = [{"type": type(d).__name__, "state": state} for d, state in zip(_devices(machine), states)]
+    kvm = machine.kvm
     header = {
         "kvm_api_version": kvm.get_api_version(), "backend": kvm_backend(),
-        "cpuid": [dataclasses_asdict(e) for e in machine.cpuid],
+        "cpuid": [asdict(e) for e in machine.cpuid],
         "msr_indices": sorted({i for v in vcpus for i in v.msrs}),
         "recipe": machine.recipe, "mem_size": machine.ram.size, "vcpus": len(vcpus),
     }
@@ -399,13 +396,7 @@ def save_machine(machine, path) -> dict:
                 ("devices", {"devices": devices})]
     sizes = write(path, sections, machine.ram._map)
     end = time.monotonic()
-    return {**sizes, "seconds": end - start, "pause_seconds": paused - start}
-
-
-def dataclasses_asdict(entry) -> dict:
-    from dataclasses import asdict
-
-    return asdict(entry)
+    return {**sizes, "seconds": end - start}
 
 
 def check_compatible(snap: Snapshot, kvm) -> None:
@@ -503,15 +494,7 @@ class Checkpoint:
 
     @classmethod
     def take(cls, machine) -> Checkpoint:
-        for vcpu in machine.vcpus:
-            _complete_pending_io(vcpu)
-        msr_indices = machine.kvm.get_msr_index_list()
-        vcpus = [VcpuState.capture(v, machine.vm, msr_indices, lapic=bool(machine.irqchip)) for v in machine.vcpus]
-        vm_state = VmState.capture(machine.vm, irqchip=machine.irqchip is True, pit=machine._has_pit)
-        try:
-            devices = [d.save() for d in _devices(machine)]
-        except NotImplementedError as e:
-            raise SnapshotError(f"this machine cannot be checkpointed: {e}") from None
+        vcpus, vm_state, devices = _capture(machine, "checkpointed")
         machine.dirty.collect()  # from here on
         return cls(vcpus, vm_state, devices, bytes(machine.ram._map))
 
