@@ -5,6 +5,7 @@
  * debug console. After the last round: DONE(0). Deterministic: two runs from the same state write
  * the same bytes, which is what the snapshot tests compare (a snapshot restored elsewhere goes on
  * counting where it stopped, and ends with the same memory).
+ * Entry: RBX = the number of rounds, or 0 for COUNTER_ROUNDS (the migration tests run longer).
  * Exits: IoOut(port=0xE9) x15 a round, then DONE(0) (IoOut port=0xEA) */
 #include "pykvm.h"
 
@@ -17,6 +18,9 @@
 	.globl	_start
 _start:
 	xorl	%r12d, %r12d
+	movq	$COUNTER_ROUNDS, %r13
+	testq	%rbx, %rbx
+	cmovnzq	%rbx, %r13
 round:
 	incq	%r12
 	movq	%r12, %rax
@@ -44,7 +48,7 @@ digit:
 	decl	%ecx
 	jnz	digit
 	PYKVM_PUTC '\n'
-	cmpq	$COUNTER_ROUNDS, %r12
+	cmpq	%r13, %r12
 	jb	round
 	PYKVM_DONE 0
 
