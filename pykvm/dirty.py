@@ -49,29 +49,68 @@ def _log_dirty(vm, region) -> None:
 
 
 class DirtyTracker:
-    """The pages of one RAM region written since the last :meth:`collect` (guest and pykvm alike)."""
+    """The pages of one RAM region written since the last :meth:`collect` (guest and pykvm alike).
+    Another consumer (a migration beside a fast reset) takes its own view with :meth:`watch`."""
 
     kind = ""
 
     def __init__(self, vm, region, memory) -> None:
         self.vm, self.region, self.memory = vm, region, memory
         self._lock = threading.Lock()
+        self._mine: set[int] = set()  # gathered, not yet collected
+        self._watches: list[DirtyWatch] = []
         memory.written = set()
 
     def _from_kvm(self) -> set[int]:
         raise NotImplementedError
 
+    def _gather(self) -> None:
+        pages = self._from_kvm()
+        first, last = self.region.gpa >> PAGE_SHIFT, (self.region.end - 1) >> PAGE_SHIFT
+        written, self.memory.written = self.memory.written, set()
+        pages.update(p - first for p in written if first <= p <= last)
+        self._mine |= pages
+        for watch in self._watches:
+            watch.pages |= pages
+
     def collect(self) -> set[int]:
-        """Page numbers (from the region's start) written since the last call; tracking goes on."""
+        """Page numbers (from the region's start) written since the last call; tracking goes on.
+        Callable from any thread, also while the vCPUs run."""
         with self._lock:
-            pages = self._from_kvm()
-            first, last = self.region.gpa >> PAGE_SHIFT, (self.region.end - 1) >> PAGE_SHIFT
-            written, self.memory.written = self.memory.written, set()
-            pages.update(p - first for p in written if first <= p <= last)
+            self._gather()
+            pages, self._mine = self._mine, set()
             return pages
+
+    def watch(self) -> DirtyWatch:
+        """Another consumer's view: its :meth:`DirtyWatch.collect` returns the pages written since
+        the watch's last collect (or its start), whoever else collects meanwhile."""
+        with self._lock:
+            self._gather()  # what was written before the watch is not its business
+            watch = DirtyWatch(self)
+            self._watches.append(watch)
+            return watch
 
     def close(self) -> None:
         self.memory.written = None
+
+
+class DirtyWatch:
+    """One consumer's view of a :class:`DirtyTracker` (see :meth:`DirtyTracker.watch`)."""
+
+    def __init__(self, tracker: DirtyTracker) -> None:
+        self.tracker = tracker
+        self.pages: set[int] = set()
+
+    def collect(self) -> set[int]:
+        with self.tracker._lock:
+            self.tracker._gather()
+            pages, self.pages = self.pages, set()
+            return pages
+
+    def close(self) -> None:
+        with self.tracker._lock:
+            if self in self.tracker._watches:
+                self.tracker._watches.remove(self)
 
 
 class BitmapTracker(DirtyTracker):
@@ -105,7 +144,7 @@ class RingTracker(DirtyTracker):
         self.entries = entries
         self._rings = [(vcpu, vcpu.map_dirty_ring(entries)) for vcpu in vcpus]
         self._next = {vcpu.id: 0 for vcpu in vcpus}  # the first entry not yet harvested, per vCPU
-        self._pending: set[int] = set()  # harvested when a ring was full, not yet collected
+        self._harvested: set[int] = set()  # harvested when a ring was full, not yet gathered
         _log_dirty(vm, region)
         self._from_kvm()
 
@@ -123,7 +162,7 @@ class RingTracker(DirtyTracker):
         return pages
 
     def _from_kvm(self) -> set[int]:
-        pages, self._pending = self._pending, set()
+        pages, self._harvested = self._harvested, set()
         for vcpu, ring in self._rings:
             pages |= self._harvest(vcpu, ring)
         self.vm.reset_dirty_rings()
@@ -134,7 +173,7 @@ class RingTracker(DirtyTracker):
         with self._lock:
             ring = next(r for v, r in self._rings if v is vcpu)
             start = self._next[vcpu.id]
-            self._pending |= self._harvest(vcpu, ring)
+            self._harvested |= self._harvest(vcpu, ring)
             if self._next[vcpu.id] == start:
                 # KVM says full, but the entry it would hand back next was never marked dirty: its
                 # reset cannot pass it, so every run would end here again (seen on kvm_pvm, with

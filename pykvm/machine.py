@@ -16,7 +16,7 @@ import dataclasses
 import struct
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import BinaryIO, Callable
 
 from . import exits
@@ -289,6 +289,8 @@ class Machine:
         self.recipe: dict = {"mem_size": mem_size, "cpus": cpus, "irqchip": irqchip, "pit": pit,
                              "strict": strict, "console_limit": console_limit, "platform": []}
         self._pause_requested = False
+        self._requests: deque = deque()  # (fn, Future) asked by request() during a run
+        self._request_lock = threading.RLock()  # RLock: request() may come from a signal handler in run()'s thread
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -884,12 +886,58 @@ class Machine:
     def pause(self) -> None:
         """Make a running :meth:`run` return :class:`Paused` soon, from any thread or a signal
         handler: every vCPU stops between exits, and the machine can be snapshotted
-        (:meth:`snapshot`) or run on."""
+        (:meth:`snapshot`) or run on. Asked between runs, it makes the next run return Paused
+        at once (a pause is never lost to a run that was just starting)."""
         self._pause_requested = True
+        self._halt_vcpus()
+
+    def _halt_vcpus(self) -> None:
         self._stopping = True
         self._finished.set()
         for vcpu in self.vcpus:
             vcpu.kick()
+
+    def request(self, fn: Callable[[], object]):
+        """Call ``fn()`` with every vCPU stopped between exits, from any thread or a signal
+        handler; returns a Future of its result. During a :meth:`run` the vCPUs are stopped
+        (as by :meth:`pause`, the exit being handled answered first), ``fn`` is called in the
+        thread that called run(), and the run goes on, unless ``fn`` returned an :class:`Outcome`:
+        then the run ends with it (a migration's source ends so). Between runs ``fn`` is called
+        at once, in the caller's thread. What ``fn`` raises goes to the Future, not to the run."""
+        from concurrent.futures import Future  # not at import: pykvm run's start-up does without it
+
+        future = Future()
+        with self._request_lock:
+            if self._running:
+                self._requests.append((fn, future))
+                self._halt_vcpus()
+                return future
+        self._serve(fn, future)
+        return future
+
+    @staticmethod
+    def _serve(fn, future):
+        if not future.set_running_or_notify_cancel():
+            return None
+        try:
+            result = fn()
+        except BaseException as e:  # the caller's, through the Future
+            future.set_exception(e)
+            return None
+        future.set_result(result)
+        return result
+
+    def _serve_requests(self) -> Outcome | None:
+        """Serve the requests made during a run (the vCPUs are stopped); the first Outcome a
+        request returns ends the run, and the requests after it are served between runs."""
+        while True:
+            with self._request_lock:
+                if not self._requests:
+                    return None
+                fn, future = self._requests.popleft()
+            result = self._serve(fn, future)
+            if isinstance(result, Outcome):
+                return result
 
     def snapshot(self, path) -> dict:
         """Save the whole machine (vCPUs, in-kernel devices, device models, guest memory) to
@@ -945,7 +993,7 @@ class Machine:
             if self._stopping:
                 if self._stop_reason:
                     raise GuestTimeout(self._stop_reason, CpuState.capture(vcpu, self.memory), exit)
-                if not self._pause_requested or kind is intr:
+                if not (self._pause_requested or self._requests) or kind is intr:
                     return None
                 pausing = True  # answer this exit first: a pause loses no I/O
 
@@ -1001,13 +1049,12 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run the guest until it says DONE or FAIL (or a device ends the run). Raises
-        :class:`GuestError` for anything else. With several vCPUs, the first to finish stops all."""
+        :class:`GuestError` for anything else. With several vCPUs, the first to finish stops all.
+        :meth:`pause` makes it return :class:`Paused`; :meth:`request` calls a function between
+        exits and goes on."""
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self._stop_reason = None
-        self._stopping = False
-        self._pause_requested = False
-        self._finished.clear()
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.stop, (f"the guest ran past the {timeout:g} s timeout",))
@@ -1017,22 +1064,38 @@ class Machine:
         stats = [ExitStats() for _ in self.vcpus]
         before = self._kvm_counters()
         start = time.monotonic()
-        threads = [threading.Thread(target=self._run_vcpu, args=(v, results, s), name=f"vcpu{v.id}", daemon=True)
-                   for v, s in zip(self.vcpus[1:], stats[1:])]
-        self._running = True
+        with self._request_lock:
+            self._running = True
         try:
-            for t in threads:
-                t.start()
-            self._run_vcpu(self.vcpu, results, stats[0])
-            for t in threads:
-                t.join()
+            while True:
+                self._finished.clear()
+                # a pause or request asked just before this run still stops it: the flags are
+                # read after _stopping is cleared, and pause() sets its flag before _stopping
+                self._stopping = False
+                if self._pause_requested or self._requests or self._stop_reason:
+                    self._stopping = True
+                threads = [threading.Thread(target=self._run_vcpu, args=(v, results, s), name=f"vcpu{v.id}",
+                                            daemon=True) for v, s in zip(self.vcpus[1:], stats[1:])]
+                for t in threads:
+                    t.start()
+                self._run_vcpu(self.vcpu, results, stats[0])
+                for t in threads:
+                    t.join()
+                if results or self._stop_reason or not self._requests:
+                    break
+                ended = self._serve_requests()  # every vCPU is stopped between exits
+                if ended is not None:
+                    results.append(ended)
+                    break
         finally:
-            self._running = False
+            with self._request_lock:
+                self._running = False
             if timer is not None:
                 timer.cancel()
             stream = self.debugcon.output.stream
             if stream is not None:
                 stream.flush()
+            self._serve_requests()  # any that came as the run ended: the machine is stopped now
         run_stats = ExitStats()
         for s in stats:
             run_stats.merge(s)
@@ -1040,6 +1103,7 @@ class Machine:
         self.kvm_stats = {k: v - before.get(k, 0) for k, v in self._kvm_counters().items() if v != before.get(k, 0)}
         if not results and self._pause_requested and not self._stop_reason:
             results.append(Paused(0, via="pause"))
+        self._pause_requested = False
         first = results[0] if results else GuestTimeout(self._stop_reason or "stopped",
                                                        CpuState.capture(self.vcpu, self.memory))
         if isinstance(first, BaseException):

@@ -370,41 +370,53 @@ FEATURE_REGISTERS = {(0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), 
                      (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx"), (0x80000007, 0): ("edx",)}
 
 
+def header_of(machine, msr_indices) -> dict:
+    """What a snapshot's header (or a migration's hello) says of ``machine``: the KVM it ran on,
+    the CPUID its vCPUs saw, the MSRs saved, and how to build it again."""
+    from .probe.host import kvm_backend
+
+    kvm = machine.kvm
+    return {"kvm_api_version": kvm.get_api_version(), "backend": kvm_backend(),
+            "cpuid": [asdict(e) for e in machine.cpuid], "msr_indices": sorted(msr_indices),
+            "recipe": machine.recipe, "mem_size": machine.ram.size, "vcpus": len(machine.vcpus)}
+
+
+def check_movable(machine, what: str) -> None:
+    """Refuse a machine with a part that is code, not data (``what``: "snapshotted", "migrated")."""
+    not_data = _not_data(machine)
+    if not_data:
+        raise SnapshotError(f"this machine cannot be {what} yet: its {', '.join(not_data)} part "
+                            "does not say what its state is")
+
+
+def state_sections(machine, what: str) -> tuple[dict, list[tuple[str, dict]]]:
+    """The header and the state sections (vCPUs, VM, devices) of ``machine``, captured now."""
+    vcpus, vm_state, states = _capture(machine, what)
+    devices = [{"type": type(d).__name__, "state": state} for d, state in zip(_devices(machine), states)]
+    header = header_of(machine, {i for v in vcpus for i in v.msrs})
+    return header, [*((f"vcpu{v.id}", v.to_json()) for v in vcpus), ("vm", vm_state.to_json()),
+                    ("devices", {"devices": devices})]
+
+
 def save_machine(machine, path) -> dict:
     """Write ``machine``'s whole state to ``path`` (between runs). Returns sizes and seconds."""
     import time
 
-    from .probe.host import kvm_backend
-
     if machine._running:
         raise RuntimeError("a snapshot is taken between runs: pause the machine first (Machine.pause)")
-    not_data = _not_data(machine)
-    if not_data:
-        raise SnapshotError(f"this machine cannot be snapshotted yet: its {', '.join(not_data)} part "
-                            "does not say what its state is")
+    check_movable(machine, "snapshotted")
     start = time.monotonic()
-    vcpus, vm_state, states = _capture(machine, "snapshotted")
-    devices = [{"type": type(d).__name__, "state": state} for d, state in zip(_devices(machine), states)]
-    kvm = machine.kvm
-    header = {
-        "kvm_api_version": kvm.get_api_version(), "backend": kvm_backend(),
-        "cpuid": [asdict(e) for e in machine.cpuid],
-        "msr_indices": sorted({i for v in vcpus for i in v.msrs}),
-        "recipe": machine.recipe, "mem_size": machine.ram.size, "vcpus": len(vcpus),
-    }
-    sections = [("header", header), *((f"vcpu{v.id}", v.to_json()) for v in vcpus), ("vm", vm_state.to_json()),
-                ("devices", {"devices": devices})]
-    sizes = write(path, sections, machine.ram._map)
-    end = time.monotonic()
-    return {**sizes, "seconds": end - start}
+    header, sections = state_sections(machine, "snapshotted")
+    sizes = write(path, [("header", header), *sections], machine.ram._map)
+    return {**sizes, "seconds": time.monotonic() - start}
 
 
-def check_compatible(snap: Snapshot, kvm) -> None:
-    """Refuse, with the reason, a snapshot this host's KVM cannot take: another API version, a
-    CPUID feature bit or an MSR the guest had that this KVM does not offer."""
-    header = snap.header
+def check_compatible(header: dict, kvm, where: str) -> None:
+    """Refuse, with the reason (``where`` names the file or the source), a saved machine this
+    host's KVM cannot take: another API version, a CPUID feature bit or an MSR the guest had
+    that this KVM does not offer."""
     if header.get("kvm_api_version") != kvm.get_api_version():
-        raise SnapshotError(f"{snap.path}: taken with KVM API version {header.get('kvm_api_version')}, "
+        raise SnapshotError(f"{where}: taken with KVM API version {header.get('kvm_api_version')}, "
                             f"this host has {kvm.get_api_version()}")
     offered = {(e.function, e.index): e for e in kvm.supported_cpuid()}
     for saved in header["cpuid"]:
@@ -414,67 +426,96 @@ def check_compatible(snap: Snapshot, kvm) -> None:
             missing = saved[reg] & ~have
             if missing:
                 raise SnapshotError(
-                    f"{snap.path}: the guest saw CPUID.{key[0]:#x}.{key[1]}:{reg.upper()} bits {missing:#x} "
+                    f"{where}: the guest saw CPUID.{key[0]:#x}.{key[1]}:{reg.upper()} bits {missing:#x} "
                     "that this host's KVM does not offer")
     msrs = set(kvm.get_msr_index_list())
     lacking = [i for i in header["msr_indices"] if i not in msrs]
     if lacking:
-        raise SnapshotError(f"{snap.path}: this host's KVM cannot restore MSR "
+        raise SnapshotError(f"{where}: this host's KVM cannot restore MSR "
                             f"{', '.join(f'{i:#x}' for i in lacking[:4])}{' ...' if len(lacking) > 4 else ''} "
                             "that the snapshot has")
 
 
-def restore_machine(cls, path, *, kvm=None, console=None, serial=None, trace=None):
-    """Build a machine of class ``cls`` again from the snapshot at ``path`` (see Machine.from_snapshot)."""
-    from .system import CpuidEntry, Kvm
-
-    snap = read(path)
-    header = snap.header
+def check_header(header: dict, where: str) -> None:
+    """Refuse a header that lacks what a machine is built from, or names a part that is code."""
     try:
         recipe = header["recipe"]
-        cpuid = [CpuidEntry(**e) for e in header["cpuid"]]
-        n_vcpus = int(header["vcpus"])
-        vcpu_docs = [snap.sections[f"vcpu{i}"] for i in range(n_vcpus)]
-        vm_doc, devices = snap.sections["vm"], snap.sections["devices"]["devices"]
+        int(header["vcpus"]), int(header["mem_size"]), list(header["cpuid"]), list(header["msr_indices"])
+        parts = [name for name, _args in recipe["platform"]]
+        recipe["mem_size"], recipe["cpus"], recipe["irqchip"], recipe["pit"]
     except (KeyError, TypeError, ValueError) as e:
-        raise SnapshotError(f"{snap.path}: section header or its parts: malformed or missing ({e})") from None
-    own_kvm = kvm is None
-    kvm = kvm or Kvm()
-    memory = None
+        raise SnapshotError(f"{where}: section header or its parts: malformed or missing ({e})") from None
+    unknown = [name for name in parts if name != "pc_devices"]
+    if unknown:
+        raise SnapshotError(f"{where}: a {unknown[0]} part cannot be restored yet")
+
+
+def build_machine(cls, header: dict, *, kvm, ram_backing=None, console=None, serial=None, trace=None):
+    """A machine of class ``cls`` built as ``header``'s recipe says, its RAM ``ram_backing`` (or
+    new, zero), its state not yet put back (:func:`apply_state`); checked with check_header."""
+    from .system import CpuidEntry
+
+    recipe = header["recipe"]
+    cpuid = [CpuidEntry(**e) for e in header["cpuid"]]
+    machine = cls(recipe["mem_size"], cpus=recipe["cpus"], irqchip=recipe["irqchip"], pit=recipe["pit"],
+                  kvm=kvm, console=console, console_limit=recipe["console_limit"], trace=trace,
+                  strict=recipe["strict"], cpuid=lambda _supported: cpuid, ram_backing=ram_backing)
     try:
-        check_compatible(snap, kvm)
-        memory = snap.map_memory()
-        machine = cls(recipe["mem_size"], cpus=recipe["cpus"], irqchip=recipe["irqchip"], pit=recipe["pit"],
-                      kvm=kvm, console=console, console_limit=recipe["console_limit"], trace=trace,
-                      strict=recipe["strict"], cpuid=lambda _supported: cpuid, ram_backing=memory)
-    except BaseException:
-        if memory is not None:
-            memory.close()
-        if own_kvm:
-            kvm.close()
-        raise
-    machine._own_kvm = own_kvm
-    try:
-        for name, args in recipe["platform"]:
-            if name == "pc_devices":
-                # the tables are in the restored memory already
-                machine.add_pc_devices(serial, cmdline=args["cmdline"], tables=False)
-            else:
-                raise SnapshotError(f"{snap.path}: a {name} part cannot be restored yet")
-        models = _devices(machine)
-        if [d["type"] for d in devices] != [type(m).__name__ for m in models]:
-            raise SnapshotError(f"{snap.path}: section devices: saved {[d['type'] for d in devices]}, "
-                                f"the machine built again has {[type(m).__name__ for m in models]}")
-        for model, saved in zip(models, devices):
-            try:
-                model.restore(saved["state"])
-            except ValueError as e:
-                raise SnapshotError(f"{snap.path}: section devices: {type(model).__name__}: {e}") from None
-        VmState.from_json(vm_doc).apply(machine.vm)
-        for vcpu, doc in zip(machine.vcpus, vcpu_docs):
-            VcpuState.from_json(doc, f"section vcpu{vcpu.id}").apply(vcpu)
+        for _name, args in recipe["platform"]:  # only pc_devices (check_header)
+            # the tables are in the restored memory already
+            machine.add_pc_devices(serial, cmdline=args["cmdline"], tables=False)
     except BaseException:
         machine.close()
+        raise
+    return machine
+
+
+def apply_state(machine, sections: dict, where: str) -> None:
+    """Put the device models', the VM's and each vCPU's saved state (``sections`` by name, as
+    :func:`state_sections` made them) back into a machine :func:`build_machine` made."""
+    try:
+        vcpu_docs = [sections[f"vcpu{i}"] for i in range(len(machine.vcpus))]
+        vm_doc, devices = sections["vm"], sections["devices"]["devices"]
+    except (KeyError, TypeError) as e:
+        raise SnapshotError(f"{where}: section {e} is missing or malformed") from None
+    models = _devices(machine)
+    if [d.get("type") for d in devices] != [type(m).__name__ for m in models]:
+        raise SnapshotError(f"{where}: section devices: saved {[d.get('type') for d in devices]}, "
+                            f"the machine built again has {[type(m).__name__ for m in models]}")
+    for model, saved in zip(models, devices):
+        try:
+            model.restore(saved["state"])
+        except (KeyError, ValueError) as e:
+            raise SnapshotError(f"{where}: section devices: {type(model).__name__}: {e}") from None
+    VmState.from_json(vm_doc).apply(machine.vm)
+    for vcpu, doc in zip(machine.vcpus, vcpu_docs):
+        VcpuState.from_json(doc, f"section vcpu{vcpu.id}").apply(vcpu)
+
+
+def restore_machine(cls, path, *, kvm=None, console=None, serial=None, trace=None):
+    """Build a machine of class ``cls`` again from the snapshot at ``path`` (see Machine.from_snapshot)."""
+    from .system import Kvm
+
+    snap = read(path)
+    check_header(snap.header, snap.path)
+    own_kvm = kvm is None
+    kvm = kvm or Kvm()
+    memory = machine = None
+    try:
+        check_compatible(snap.header, kvm, snap.path)
+        memory = snap.map_memory()
+        machine = build_machine(cls, snap.header, kvm=kvm, ram_backing=memory, console=console, serial=serial,
+                                trace=trace)
+        machine._own_kvm = own_kvm
+        apply_state(machine, snap.sections, snap.path)
+    except BaseException:
+        if machine is not None:
+            machine.close()  # its own kvm too
+        else:
+            if memory is not None:
+                memory.close()
+            if own_kvm:
+                kvm.close()
         raise
     return machine
 

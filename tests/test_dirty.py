@@ -13,7 +13,8 @@ from pykvm.machine import Machine, Paused
 
 pytestmark = pytest.mark.kvm
 
-COUNTER_BASE, COUNTER_PAGES = 0x200000, 512  # guests/counter.S
+COUNTER_BASE, COUNTER_PAGES = 0x200000, 512  # guests/counter.S (and dirty_pages.S's base)
+PAGE = 4096
 
 
 def _pause_at(m, count: int) -> None:
@@ -158,7 +159,7 @@ def test_a_full_ring_is_harvested_in_order_or_reported_stuck(stuck):
     if stuck:
         ring[0].flags = 0
     t = dirty.RingTracker.__new__(dirty.RingTracker)
-    t.vm, t.entries, t._rings, t._next, t._pending = _Vm(), 8, [(vcpu, ring)], {0: 0}, set()
+    t.vm, t.entries, t._rings, t._next, t._harvested = _Vm(), 8, [(vcpu, ring)], {0: 0}, set()
     t.region = type("R", (), {"slot": 0})()
     t._lock = __import__("threading").Lock()
     if stuck:
@@ -166,5 +167,27 @@ def test_a_full_ring_is_harvested_in_order_or_reported_stuck(stuck):
             t.ring_full(None, vcpu)
         return
     t.ring_full(None, vcpu)
-    assert t._pending == set(range(100, 108)) and t._next[0] == 8 and t.vm.resets == 1
+    assert t._harvested == set(range(100, 108)) and t._next[0] == 8 and t.vm.resets == 1
     assert all(e.flags == dirty.DIRTY_GFN_F_RESET for e in ring)
+
+
+@pytest.mark.kvm
+def test_a_watch_sees_every_page_whoever_else_collects(guest):
+    """DirtyTracker.watch (a migration beside a fast reset): pages the main consumer collected
+    still reach the watch, and the watch's collects take nothing from the main consumer."""
+    with Machine(dirty="bitmap") as m:
+        m.load_flat(guest("dirty_pages"), "long")
+        watch = m.dirty.watch()
+        regs = m.vcpu.get_regs()
+        regs.rcx = 3
+        m.vcpu.set_regs(regs)
+        assert m.run(timeout=30).ok
+        first = COUNTER_BASE // PAGE
+        assert m.dirty.collect() >= {first, first + 1, first + 2}
+        assert watch.collect() >= {first, first + 1, first + 2}  # after the main consumer took them
+        m.memory.write(COUNTER_BASE + 5 * PAGE, b"pykvm")  # pykvm's own write, marked by GuestMemory
+        assert first + 5 in watch.collect()
+        assert first + 5 in m.dirty.collect()  # the watch took nothing away
+        watch.close()
+        m.memory.write(COUNTER_BASE + 6 * PAGE, b"pykvm")
+        assert watch.collect() == set() and first + 6 in m.dirty.collect()
