@@ -11,7 +11,9 @@
 
 #define COUNTER_BASE	0x200000
 #define COUNTER_PAGES	512
+#ifndef COUNTER_ROUNDS
 #define COUNTER_ROUNDS	200
+#endif
 
 	.code64
 	.section .text.entry, "ax"
