@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # "it ran, and the answer is no" (pykvm nested: the run differed from the prediction).
 EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = st.OK, st.USAGE, st.UNAVAILABLE, st.INTERRUPTED
 EXIT_FAILURE = 1
+EXIT_SIGPIPE = 128 + 13  # as a shell counts a command that SIGPIPE ended
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,6 +49,8 @@ examples:
   pykvm run kernel.bin --mode protected --mem 16M --timeout 5
   pykvm run guest.bin --mode long --load 0x200000 --entry 0x200010 --trace-exits
   pykvm run guest.bin --json | jq .status
+  pykvm run guests/build/counter.bin --control /tmp/vm.sock    then: pykvm snapshot / pykvm migrate
+  pykvm run --incoming 127.0.0.1:4444         wait for a live migration, then run the guest on
 """
 
 PROBE_EXAMPLES = """\
@@ -111,8 +114,9 @@ def _add_run(sub) -> None:
     run.add_argument("--mode", choices=[m.value for m in Mode], default=None,
                      help="CPU mode the guest starts in (default: long; real for an image ending in _real.bin)")
     run.add_argument("--la57", action="store_true", help="5-level paging in long mode (where the host has LA57)")
-    run.add_argument("--mem", type=parse_size, default=layout.DEFAULT_MEM_SIZE, metavar="SIZE",
-                     help="guest RAM at GPA 0 (default: 4M)")
+    run.add_argument("--mem", type=parse_size, default=None, metavar="SIZE",
+                     help=f"guest RAM at GPA 0 (default: {layout.DEFAULT_MEM_SIZE >> 20}M); with --incoming, the most "
+                          "a migrated guest may have")
     run.add_argument("--load", type=parse_addr, metavar="ADDR",
                      help="GPA to load the image at (default: 0x1000 in real mode, 0x100000 otherwise)")
     run.add_argument("--entry", type=parse_addr, metavar="ADDR", help="entry point (default: the load address)")
@@ -149,6 +153,14 @@ def _add_run(sub) -> None:
     run.add_argument("--snapshot-on", nargs=2, metavar=("SIGNAL|exit", "FILE"),
                      help="save the whole VM to FILE each time the signal comes (USR1, HUP, ...; the guest "
                           "then runs on), or when the guest stops (exit); `pykvm restore FILE` goes on from there")
+    run.add_argument("--control", metavar="PATH",
+                     help="serve a control socket at PATH (mode 0600) while the guest runs: pykvm snapshot and "
+                          "pykvm migrate talk to it")
+    run.add_argument("--incoming", metavar="ADDR",
+                     help="take the guest from a live migration (pykvm migrate) instead of an image: listen on "
+                          "HOST:PORT, tcp:HOST:PORT (port 0: any free one, said on stderr) or unix:PATH")
+    run.add_argument("--incoming-wait", type=parse_timeout, metavar="SECONDS",
+                     help="with --incoming: give up when no source came within SECONDS (default: wait)")
     run.set_defaults(func=cmd_run)
 
 
@@ -203,6 +215,12 @@ def _add_restore(sub) -> None:
     snapcli.add_parser(sub)
 
 
+def _add_control(sub) -> None:
+    from . import snapcli
+
+    snapcli.add_control_parsers(sub)
+
+
 def _add_boot(sub) -> None:
     from . import boot
 
@@ -211,7 +229,8 @@ def _add_boot(sub) -> None:
 
 #: Each subcommand and what adds its parser, in the order ``pykvm --help`` lists them.
 SUBCOMMANDS = {"run": _add_run, "probe": _add_probe, "compare": _add_compare, "tlb": _add_tlb,
-               "nested": _add_nested, "boot": _add_boot, "restore": _add_restore}
+               "nested": _add_nested, "boot": _add_boot, "restore": _add_restore, "snapshot": _add_control,
+               "migrate": _add_control}
 
 
 def _error(message: str) -> None:
@@ -407,6 +426,14 @@ def cmd_run(args) -> int:
     from .x86 import layout
     from .x86.modes import Mode
 
+    if args.incoming:
+        from .snapcli import cmd_incoming
+
+        return cmd_incoming(args)
+    if args.incoming_wait is not None:
+        raise ValueError("--incoming-wait goes with --incoming")
+    if args.mem is None:
+        args.mem = layout.DEFAULT_MEM_SIZE
     path = str(guest_image(DEFAULT_GUEST)) if args.image is None else args.image
     mode = args.mode or ("real" if path.endswith("_real.bin") else None)
     if args.gdb and (args.trace or args.trace_range or args.trace_count or args.trace_file):
@@ -435,9 +462,11 @@ def cmd_run(args) -> int:
     if args.snapshot_on:
         from .snapcli import parse_snapshot_on
 
-        if args.gdb or args.trace or args.trace_range or args.trace_count or args.trace_file:
-            raise ValueError("--snapshot-on cannot be combined with --gdb or --trace (they hold the vCPU)")
         snapshot_on = parse_snapshot_on(*args.snapshot_on)
+    if (args.snapshot_on or args.control) and (args.gdb or args.trace or args.trace_range or args.trace_count
+                                               or args.trace_file):
+        raise ValueError(f"--{'snapshot-on' if args.snapshot_on else 'control'} cannot be combined with --gdb or "
+                         "--trace (they hold the vCPU)")
     serial, close_serial = _serial_stream(args.serial)
     if args.json and serial is sys.stdout.buffer:
         serial = None  # stdout carries the JSON document
@@ -454,13 +483,15 @@ def cmd_run(args) -> int:
                 _feed_stdin(uart)
             tracer = _tracer(args, machine)
             gdb = _gdb_server(args, machine)
+            control = None
             try:
                 if gdb is not None:
                     outcome = gdb.run()
                 else:
-                    from .snapcli import run_with_snapshots
+                    from .snapcli import controlled, run_with_snapshots
 
-                    outcome = run_with_snapshots(machine, args.timeout, snapshot_on)
+                    with controlled(machine, args.control) as control:
+                        outcome = run_with_snapshots(machine, args.timeout, snapshot_on, quiet=args.json)
             except GuestError as e:
                 error = e
             finally:
@@ -481,6 +512,11 @@ def cmd_run(args) -> int:
                 if tracer is not None:
                     doc["trace"] = {"steps": tracer.steps, "printed": tracer.printed, "seconds": tracer.seconds,
                                     "stopped": tracer.stopped}
+                if snapshot_on is not None or control is not None:
+                    from .snapcli import describe_control
+
+                    doc["snapshots"] = getattr(machine, "snapshots_saved", [])
+                    describe_control(doc, control)
                 print(json.dumps(doc, indent=2))
             else:
                 if error is not None:
@@ -491,6 +527,10 @@ def cmd_run(args) -> int:
                     _print_stats(machine)
                 if args.dump_pagetables:
                     _print_page_tables(page_table_dump(machine))
+                if control is not None:
+                    from .snapcli import say_migrated
+
+                    say_migrated(control, False)
     finally:
         if close_serial is not None:
             close_serial()
@@ -573,6 +613,14 @@ def main(argv: list[str] | None = None) -> int:
     # Only the named subcommand's parser (anything else, --help included, gets the whole parser).
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:  # stdout closed early (| head): say nothing more, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
+
+
+def _main(args) -> int:
     try:
         return args.func(args)
     except KvmUnavailableError as e:

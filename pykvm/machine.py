@@ -289,6 +289,7 @@ class Machine:
         self.recipe: dict = {"mem_size": mem_size, "cpus": cpus, "irqchip": irqchip, "pit": pit,
                              "strict": strict, "console_limit": console_limit, "platform": []}
         self._pause_requested = False
+        self._serving = False  # in a stop of a run that serves a request
         self._requests: deque = deque()  # (fn, Future) asked by request() during a run
         self._request_lock = threading.RLock()  # RLock: request() may come from a signal handler in run()'s thread
 
@@ -847,6 +848,13 @@ class Machine:
         return self._running
 
     @property
+    def in_run(self) -> bool:
+        """Whether vCPUs may be in KVM_RUN now: a :meth:`run` is in progress and this is not one
+        of its stops between exits that serve a :meth:`request` (where the machine can be
+        snapshotted, checkpointed or reset as between runs)."""
+        return self._running and not self._serving
+
+    @property
     def stopping(self) -> bool:
         """Whether the current run is ending: a vCPU finished, or :meth:`stop` was called."""
         return self._stopping
@@ -866,7 +874,7 @@ class Machine:
         (the bitmap, unless the machine was built with ``dirty``). Returns the checkpoint."""
         from .snapshot import Checkpoint
 
-        if self._running:
+        if self.in_run:
             raise RuntimeError("a checkpoint is taken between runs: pause the machine first (Machine.pause)")
         if self.dirty is None:
             self._track_dirty(ring=False)
@@ -879,7 +887,7 @@ class Machine:
         only. Returns {"pages": how many pages were copied back, "seconds": ...}."""
         if self._checkpoint is None:
             raise RuntimeError("reset needs a checkpoint first (Machine.checkpoint)")
-        if self._running:
+        if self.in_run:
             raise RuntimeError("a reset needs the vCPUs stopped: pause the machine first (Machine.pause)")
         return self._checkpoint.restore(self)
 
@@ -935,7 +943,11 @@ class Machine:
                 if not self._requests:
                     return None
                 fn, future = self._requests.popleft()
-            result = self._serve(fn, future)
+            self._serving = True
+            try:
+                result = self._serve(fn, future)
+            finally:
+                self._serving = False
             if isinstance(result, Outcome):
                 return result
 

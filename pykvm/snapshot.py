@@ -191,23 +191,27 @@ class VmState:
 
 # ---- the file ---------------------------------------------------------------------------------
 
-def _zero_bitmap_and_crc(ram) -> tuple[bytes, int, int]:
-    """(bitmap of the non-zero pages, CRC-32 over them in order, how many) of a RAM buffer."""
-    pages = len(ram) // PAGE
-    bitmap = bytearray((pages + 7) // 8)
-    crc, used = 0, 0
+def nonzero_pages(ram):
+    """The numbers of the pages of a RAM buffer that are not all zero, in order (64 pages at a
+    time are passed over when they are all zero)."""
     block = len(_ZERO_BLOCK)
     for start in range(0, len(ram), block):
         chunk = ram[start : start + block]
         if chunk == _ZERO_BLOCK[: len(chunk)]:
             continue
         for off in range(0, len(chunk), PAGE):
-            page = chunk[off : off + PAGE]
-            if page != _ZERO_PAGE:
-                n = (start + off) // PAGE
-                bitmap[n >> 3] |= 1 << (n & 7)
-                crc = zlib.crc32(page, crc)
-                used += 1
+            if chunk[off : off + PAGE] != _ZERO_PAGE:
+                yield (start + off) // PAGE
+
+
+def _zero_bitmap_and_crc(ram) -> tuple[bytes, int, int]:
+    """(bitmap of the non-zero pages, CRC-32 over them in order, how many) of a RAM buffer."""
+    bitmap = bytearray((len(ram) // PAGE + 7) // 8)
+    crc, used = 0, 0
+    for n in nonzero_pages(ram):
+        bitmap[n >> 3] |= 1 << (n & 7)
+        crc = zlib.crc32(ram[n * PAGE : (n + 1) * PAGE], crc)
+        used += 1
     return bytes(bitmap), crc, used
 
 
@@ -402,7 +406,7 @@ def save_machine(machine, path) -> dict:
     """Write ``machine``'s whole state to ``path`` (between runs). Returns sizes and seconds."""
     import time
 
-    if machine._running:
+    if machine.in_run:
         raise RuntimeError("a snapshot is taken between runs: pause the machine first (Machine.pause)")
     check_movable(machine, "snapshotted")
     start = time.monotonic()
