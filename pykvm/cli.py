@@ -516,7 +516,7 @@ def cmd_run(args) -> int:
                     from .snapcli import describe_control
 
                     doc["snapshots"] = getattr(machine, "snapshots_saved", [])
-                    describe_control(doc, control)
+                    describe_control(doc, control, machine)
                 print(json.dumps(doc, indent=2))
             else:
                 if error is not None:
@@ -530,7 +530,7 @@ def cmd_run(args) -> int:
                 if control is not None:
                     from .snapcli import say_migrated
 
-                    say_migrated(control, False)
+                    say_migrated(machine, False)
     finally:
         if close_serial is not None:
             close_serial()

@@ -38,7 +38,6 @@ class ControlServer:
 
     def __init__(self, machine, path: str) -> None:
         self.machine, self.path = machine, os.path.abspath(path)
-        self.migration = None  # the report of the migration that moved the machine away
         self.snapshots: list[dict] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -137,7 +136,6 @@ class ControlServer:
                 raise ControlError(f"migration to {to}: {e}; the guest runs on here", st.HOST_FAILURE) from None
             except (SnapshotError, ValueError) as e:
                 raise ControlError(f"migration to {to}: {e}", st.USAGE) from None
-            self.migration = report
             return {"report": report.to_json(), "summary": report.summary()}
         raise ValueError(f"unknown command {command!r} (status, snapshot, migrate, stop)")
 

@@ -290,6 +290,10 @@ class Machine:
                              "strict": strict, "console_limit": console_limit, "platform": []}
         self._pause_requested = False
         self._serving = False  # in a stop of a run that serves a request
+        #: Where a live migration (:mod:`pykvm.migration`) moved this machine, and its report: a
+        #: machine that moved does not run here again.
+        self.migrated_to: str | None = None
+        self.migration = None
         self._requests: deque = deque()  # (fn, Future) asked by request() during a run
         self._request_lock = threading.RLock()  # RLock: request() may come from a signal handler in run()'s thread
 
@@ -1066,6 +1070,8 @@ class Machine:
         exits and goes on."""
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
+        if self.migrated_to is not None:
+            raise RuntimeError(f"this machine has moved to {self.migrated_to}: it runs there now")
         self._stop_reason = None
         timer = None
         if timeout is not None:

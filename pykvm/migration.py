@@ -224,7 +224,7 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
     destination may stay silent."""
     if downtime <= 0 or max_rounds < 1:
         raise ValueError(f"downtime must be positive and max_rounds at least 1, not {downtime} and {max_rounds}")
-    if getattr(machine, "migrated_to", None):
+    if machine.migrated_to:
         raise MigrationError(f"this machine has moved to {machine.migrated_to} already")
     check_movable(machine, "migrated")
     family, address = parse_address(to)
@@ -270,9 +270,8 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
         stop_asked = time.monotonic()
         if was_running and not machine.running:
             raise MigrationError("the guest's run ended before the stop-and-copy: nothing was moved")
-        ended = machine.request(lambda: _stop_and_copy(machine, stream, watch, pending, report, to, stop_asked))
+        ended = machine.request(lambda: _stop_and_copy(machine, stream, watch, pending, report, start, stop_asked))
         ended.result()
-        report.seconds = time.monotonic() - start
         return report
     finally:
         if watch is not None:
@@ -292,9 +291,11 @@ def _begin(machine):
     return watch, header_of(machine, set(readable_msrs(machine.vcpu, indices)))
 
 
-def _stop_and_copy(machine, stream: _Stream, watch, pending: set[int], report: MigrationReport, to: str,
+def _stop_and_copy(machine, stream: _Stream, watch, pending: set[int], report: MigrationReport, start: float,
                    stop_asked: float) -> Migrated:
-    """In the stop between exits: the last pages, the state, and the destination's word."""
+    """In the stop between exits: the last pages, the state, and the destination's word. The
+    report is complete before the run ends (``machine.migration`` has it then)."""
+    to = report.to
     header, sections = state_sections(machine, "migrated")  # completes the last exit's I/O first
     final = _send_pages(stream, machine.ram._map, sorted(pending | watch.collect()), skip_zero=False)
     report.final = final
@@ -305,9 +306,10 @@ def _stop_and_copy(machine, stream: _Stream, watch, pending: set[int], report: M
         raise MigrationError(f"the destination {to} could not take the state: {doc.get('error')}")
     if tag != b"RUN!":
         raise MigrationError(f"the destination {to} answered {tag!r} to DONE")
-    report.downtime = time.monotonic() - stop_asked
+    end = time.monotonic()
+    report.downtime, report.seconds = end - stop_asked, end - start
     report.destination_apply_seconds = float(doc.get("apply_seconds", 0.0))
-    machine.migrated_to = to
+    machine.migrated_to, machine.migration = to, report
     return Migrated(0, via="migrated", to=to)
 
 

@@ -233,18 +233,17 @@ def controlled(machine, path: str | None) -> _Controlled:
     return _Controlled(machine, path)
 
 
-def describe_control(doc: dict, server) -> None:
+def describe_control(doc: dict, server, machine) -> None:
     """What the control socket did (snapshots, a migration), into the JSON document."""
-    if server is None:
-        return
-    doc["snapshots"] = [*doc.get("snapshots", []), *server.snapshots]
-    if server.migration is not None:
-        doc["migration"] = server.migration.to_json()
+    if server is not None:
+        doc["snapshots"] = [*doc.get("snapshots", []), *server.snapshots]
+    if machine.migration is not None:
+        doc["migration"] = machine.migration.to_json()
 
 
-def say_migrated(server, quiet: bool) -> None:
-    if server is not None and server.migration is not None and not quiet:
-        print(f"pykvm: {server.migration.summary()}", file=sys.stderr)
+def say_migrated(machine, quiet: bool) -> None:
+    if machine.migration is not None and not quiet:
+        print(f"pykvm: {machine.migration.summary()}", file=sys.stderr)
 
 
 def run_on(args, machine, source: str, extra: dict) -> int:
@@ -265,13 +264,13 @@ def run_on(args, machine, source: str, extra: dict) -> int:
         doc = _run_document(args, source, None, outcome, machine, error)
         doc.update(extra)
         doc["snapshots"] = getattr(machine, "snapshots_saved", [])
-        describe_control(doc, server)
+        describe_control(doc, server, machine)
         print(json.dumps(doc, indent=2))
     elif error is not None:
         _error(error.report())
     elif outcome.failure is not None:
         _error(str(outcome.failure))
-    say_migrated(server, args.json)
+    say_migrated(machine, args.json)
     return st.of_error(error) if error is not None else st.of_outcome(outcome)
 
 
