@@ -909,6 +909,12 @@ class Machine:
         for vcpu in self.vcpus:
             vcpu.kick()
 
+    def sleep(self, seconds: float) -> bool:
+        """Sleep in an exit handler (pacing a guest, waiting for a device) for ``seconds``, but
+        wake as soon as the run is asked to stop, pause or serve a :meth:`request`, so that
+        those are not held up; True when woken so."""
+        return self._finished.wait(seconds)
+
     def request(self, fn: Callable[[], object]):
         """Call ``fn()`` with every vCPU stopped between exits, from any thread or a signal
         handler; returns a Future of its result. During a :meth:`run` the vCPUs are stopped

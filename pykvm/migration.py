@@ -16,7 +16,8 @@ snapshot's (KVM API version, CPUID, MSRs, how the machine is built, and its memo
 
 The stream: messages of a 16-byte head (tag, CRC-32 of the payload, payload length) and the
 payload. ``HELO`` (JSON: format version, the header), answered ``OKAY`` or ``FAIL`` (JSON:
-the reason); ``PAGE`` (a u32 count, the page numbers as u32, the pages); ``STAT`` (JSON: the
+the reason); ``PAGE`` (a u32 count of runs, each run's first page and page count as u32, then
+the pages' bytes, at most BATCH pages a message); ``STAT`` (JSON: the
 state sections); ``DONE``; answered ``RUN!`` (JSON: the destination's seconds to put the state
 back) or ``FAIL``.
 """
@@ -40,7 +41,6 @@ HEAD = struct.Struct("<4sIQ")
 BATCH = 256  # pages a PAGE message: 1 MiB
 DEFAULT_DOWNTIME = 0.05
 DEFAULT_MAX_ROUNDS = 30
-_ZERO_PAGE = bytes(PAGE)
 
 
 class MigrationError(RuntimeError):
@@ -187,27 +187,31 @@ class _Stream:
             pass
 
 
-def _send_pages(stream: _Stream, ram, pages, *, skip_zero: bool) -> Round:
-    """Send ``pages`` of ``ram`` in PAGE messages (zero pages left out with ``skip_zero``: the
-    destination's RAM starts zero). Returns the round's figures."""
+def _send_pages(stream: _Stream, ram, pages) -> Round:
+    """Send ``pages`` (in order) of ``ram`` in PAGE messages of at most BATCH pages, each a list of
+    runs of consecutive pages and their bytes. Returns the round's figures."""
     start = time.monotonic()
     view = memoryview(ram)
     sent = 0
-    batch: list[int] = []
+    runs: list[tuple[int, int]] = []  # (first page, count) of this message
+    in_batch = 0
 
     def flush() -> None:
-        nonlocal sent
-        if batch:
-            data = b"".join(view[p * PAGE : (p + 1) * PAGE] for p in batch)
-            stream.send(b"PAGE", struct.pack(f"<I{len(batch)}I", len(batch), *batch) + data)
-            sent += len(batch)
-            batch.clear()
+        nonlocal sent, in_batch
+        if runs:
+            head = struct.pack(f"<I{2 * len(runs)}I", len(runs), *(x for run in runs for x in run))
+            stream.send(b"PAGE", b"".join([head, *(view[a * PAGE : (a + n) * PAGE] for a, n in runs)]))
+            sent += in_batch
+            runs.clear()
+            in_batch = 0
 
     for page in pages:
-        if skip_zero and view[page * PAGE : (page + 1) * PAGE] == _ZERO_PAGE:
-            continue
-        batch.append(page)
-        if len(batch) == BATCH:
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+        in_batch += 1
+        if in_batch == BATCH:
             flush()
     flush()
     return Round(sent, sent * PAGE, time.monotonic() - start)
@@ -227,6 +231,8 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
     if machine.migrated_to:
         raise MigrationError(f"this machine has moved to {machine.migrated_to} already")
     check_movable(machine, "migrated")
+    from .probe.host import kvm_backend  # noqa: F401 - imported here, not in the stop that needs it
+
     family, address = parse_address(to)
     was_running = machine.running
     start = time.monotonic()
@@ -252,7 +258,7 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
         if tag != b"OKAY":
             raise MigrationError(f"the destination {to} answered {tag!r} to HELO")
         ram = machine.ram._map
-        report.rounds.append(_send_pages(stream, ram, nonzero_pages(ram), skip_zero=False))
+        report.rounds.append(_send_pages(stream, ram, nonzero_pages(ram)))  # the destination's RAM starts zero
         pending = watch.collect()
         while True:
             last = report.rounds[-1]
@@ -265,7 +271,7 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
                 break
             if len(report.rounds) >= max_rounds:
                 break
-            report.rounds.append(_send_pages(stream, ram, sorted(pending), skip_zero=False))
+            report.rounds.append(_send_pages(stream, ram, sorted(pending)))
             pending = watch.collect()
         stop_asked = time.monotonic()
         if was_running and not machine.running:
@@ -297,7 +303,7 @@ def _stop_and_copy(machine, stream: _Stream, watch, pending: set[int], report: M
     report is complete before the run ends (``machine.migration`` has it then)."""
     to = report.to
     header, sections = state_sections(machine, "migrated")  # completes the last exit's I/O first
-    final = _send_pages(stream, machine.ram._map, sorted(pending | watch.collect()), skip_zero=False)
+    final = _send_pages(stream, machine.ram._map, sorted(pending | watch.collect()))
     report.final = final
     report.state_bytes = stream.send_json(b"STAT", {"header": header, "sections": dict(sections)})
     stream.send(b"DONE")
@@ -429,16 +435,19 @@ class Incoming:
 
 
 def _take_pages(payload: bytearray, ram) -> int:
-    (count,) = struct.unpack_from("<I", payload)
-    numbers = struct.unpack_from(f"<{count}I", payload, 4)
-    data = memoryview(payload)[4 + 4 * count :]
+    """Copy a PAGE message's runs into ``ram``; returns how many pages it had."""
+    (nruns,) = struct.unpack_from("<I", payload)
+    flat = struct.unpack_from(f"<{2 * nruns}I", payload, 4)
+    data = memoryview(payload)[4 + 8 * nruns :]
+    count = sum(flat[1::2])
     if len(data) != count * PAGE:
         raise MigrationError(f"a PAGE message of {count} pages carries {len(data)} bytes")
-    limit = len(ram) // PAGE
-    for i, page in enumerate(numbers):
-        if page >= limit:
-            raise MigrationError(f"the source sent page {page}, beyond this guest's {limit} pages")
-        ram[page * PAGE : (page + 1) * PAGE] = data[i * PAGE : (i + 1) * PAGE]
+    limit, at = len(ram) // PAGE, 0
+    for first, n in zip(flat[::2], flat[1::2]):
+        if first + n > limit:
+            raise MigrationError(f"the source sent pages {first}-{first + n - 1}, beyond this guest's {limit} pages")
+        ram[first * PAGE : (first + n) * PAGE] = data[at : at + n * PAGE]
+        at += n * PAGE
     return count
 
 

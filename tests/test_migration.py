@@ -281,7 +281,7 @@ def test_a_destination_refuses_what_is_not_a_migration(tmp_path):
 def test_damaged_pages_are_caught_by_their_crc(tmp_path):
     a, b = socket.socketpair()
     sender, receiver = migration._Stream(a, "x"), migration._Stream(b, "the source")
-    payload = struct.pack("<II", 1, 3) + b"\x11" * migration.PAGE
+    payload = struct.pack("<III", 1, 3, 1) + b"\x11" * migration.PAGE
     a.sendall(migration.HEAD.pack(b"PAGE", 0x1234, len(payload)) + payload)
     with pytest.raises(MigrationError, match=r"message PAGE: CRC 0x[0-9a-f]{8}, the stream says 0x00001234"):
         receiver.receive()
