@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pages a batch between two pacing exits (default %(default)s)")
     p.add_argument("--rates", default="0,1000,10000,50000,200000,max",
                    help="dirtying rates in pages a second, 'max' unpaced (default %(default)s)")
-    p.add_argument("--downtime", type=argtypes.number(float, minimum=0.1, what="milliseconds"), default=50.0,
+    p.add_argument("--downtime", type=argtypes.number(float, minimum=0.1, what="milliseconds"), default=10.0,
                    help="the downtime budget in ms (default %(default)s)")
     p.add_argument("--max-rounds", type=argtypes.number(int, minimum=1, what="a count"), default=30,
                    help="pre-copy rounds at most (default %(default)s)")
@@ -292,7 +292,7 @@ def _print(doc: dict) -> None:
                   f"{r['measured_pages_per_s']:.0f}", str(r["rounds"]), f"{r['mib']:.1f}", f"{r['total_ms_median']:.0f}",
                   f"{r['downtime_ms']:.1f}", str(r["final_pages"]), f"{r['converged_runs']}/{r['runs']}",
                   f"{r['downtime_vs_stop_and_copy']:.3f}")
-    c = Console()
+    c = Console(width=max(Console().width, 120))
     c.print(t)
     c.print(f"stop-and-copy reference (paused, then moved): {ref['mib']:.1f} MiB, downtime {ref['downtime_ms']:.1f} ms; "
             f"transport floor for the same bytes: {floor['ms']:.1f} ms ({floor['mib_per_s']:.0f} MiB/s), so pykvm's "
