@@ -49,7 +49,7 @@ VCPU_STRUCTS = (
     ("sregs2", "struct kvm_sregs2", Cap.SREGS2),
     ("regs", "struct kvm_regs", None),
     ("fpu", "struct kvm_fpu", None),
-    ("xsave", "struct kvm_xsave", Cap.XSAVE),
+    ("xsave", "struct kvm_xsave", Cap.XSAVE),  # KVM_GET_XSAVE2's whole area where offered
     ("xcrs", "struct kvm_xcrs", Cap.XCRS),
     ("lapic", "struct kvm_lapic_state", None),  # only with the in-kernel irqchip
     ("debugregs", "struct kvm_debugregs", Cap.DEBUGREGS),
@@ -75,6 +75,31 @@ def _from_hex(ctype: str, text: str, what: str):
         raise SnapshotError(f"{what}: {len(raw)} bytes, but {ctype} is {ffi.sizeof(out[0])} here")
     ffi.memmove(out, raw, len(raw))
     return out
+
+
+def xsave_size(vm) -> int:
+    """The bytes of a vCPU's XSAVE area KVM reads and writes: KVM_CAP_XSAVE2's answer where
+    offered (more than 4 KiB with AMX), else struct kvm_xsave's 4 KiB."""
+    base = ffi.sizeof("struct kvm_xsave")
+    return max(vm.check_extension(Cap.XSAVE2), base) if vm.has_cap(Cap.XSAVE2) else base
+
+
+def _xsave_from_hex(text: str, size: int, what: str):
+    """A saved XSAVE area in a buffer of this KVM's ``size``: zero past what was saved (components
+    there are in their initial state unless XSTATE_BV says otherwise, and a smaller area has
+    none); refused when the saved area is larger than this KVM takes."""
+    try:
+        raw = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise SnapshotError(f"{what}: not hex") from None
+    if len(raw) < ffi.sizeof("struct kvm_xsave"):
+        raise SnapshotError(f"{what}: {len(raw)} bytes, less than struct kvm_xsave's {ffi.sizeof('struct kvm_xsave')}")
+    if len(raw) > size:
+        raise SnapshotError(f"{what}: the saved XSAVE area is {len(raw)} bytes; this host's KVM takes {size} "
+                            "(its guests lack state the snapshot's had, such as AMX tiles)")
+    buf = ffi.new("char[]", size)
+    ffi.memmove(buf, raw, len(raw))
+    return buf
 
 
 # ---- the state of a vCPU and of the VM --------------------------------------------------------
@@ -108,13 +133,19 @@ class VcpuState:
                 continue
             if name == "sregs" and vm.has_cap(Cap.SREGS2):
                 continue  # sregs2 has all of it, and the PDPTRs
+            if name == "xsave" and vm.has_cap(Cap.XSAVE2):
+                structs[name] = bytes(ffi.buffer(vcpu.get_xsave2(xsave_size(vm)))).hex()
+                continue
             structs[name] = _hex(getattr(vcpu, f"get_{name}")())
         return cls(vcpu.id, structs, readable_msrs(vcpu, msr_indices), vcpu.get_mp_state())
 
     def apply(self, vcpu) -> None:
         ctypes = {name: ctype for name, ctype, _cap in VCPU_STRUCTS}
         for name, _ctype, _cap in VCPU_STRUCTS:
-            if name in self.structs:
+            if name == "xsave" and name in self.structs:
+                area = _xsave_from_hex(self.structs[name], xsave_size(vcpu.vm), f"vcpu{self.id}.xsave")
+                vcpu.set_xsave(ffi.cast("struct kvm_xsave *", area))
+            elif name in self.structs:
                 getattr(vcpu, f"set_{name}")(_from_hex(ctypes[name], self.structs[name], f"vcpu{self.id}.{name}"))
             if name == "regs":
                 # the MSRs go after the control registers (EFER, the APIC base) and before the
@@ -371,7 +402,7 @@ def _not_data(machine) -> list[str]:
 
 #: CPUID registers that are feature bits: a guest that saw a bit must find it offered where it is restored.
 FEATURE_REGISTERS = {(0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), (0x7, 1): ("eax",),
-                     (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx"), (0x80000007, 0): ("edx",)}
+                     (0xD, 0): ("eax", "edx"), (0xD, 1): ("eax",), (0x80000001, 0): ("ecx", "edx"), (0x80000007, 0): ("edx",)}
 
 
 def header_of(machine, msr_indices) -> dict:

@@ -222,8 +222,16 @@ class Vcpu(FdObject):
         """The XSAVE area (first 4 KiB). Wraps ``KVM_GET_XSAVE``."""
         return self._get("KVM_GET_XSAVE", "struct kvm_xsave")
 
+    def get_xsave2(self, size: int):
+        """The whole XSAVE area, ``size`` bytes (what ``KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)`` gives:
+        more than 4 KiB once the guest may use AMX). Returns a ``char[size]``. Wraps ``KVM_GET_XSAVE2``."""
+        buf = ffi.new("char[]", size)
+        self._ioctl("KVM_GET_XSAVE2", ffi.cast("struct kvm_xsave *", buf))
+        return buf
+
     def set_xsave(self, xsave) -> None:
-        """Wraps ``KVM_SET_XSAVE``."""
+        """Wraps ``KVM_SET_XSAVE``. Where KVM_CAP_XSAVE2 is offered KVM reads as many bytes as
+        that capability gives: pass a buffer of that size (cast to ``struct kvm_xsave *``)."""
         self._ioctl("KVM_SET_XSAVE", xsave)
 
     def get_xcrs(self):
