@@ -152,6 +152,20 @@ def test_a_counting_guest_moves_to_another_process_and_goes_on_with_nothing_lost
     assert there["info"]["pages"] == report.pages
 
 
+def test_a_guest_that_outruns_the_budget_is_stopped_after_max_rounds_and_still_loses_nothing(tmp_path):
+    with _counter() as m:
+        dest = _Destination(tmp_path)
+        thread, box = _run_in_thread(m)
+        _wait_for(m, b"count 00000020\n")
+        report = migrate(m, dest.address, downtime=1e-6, max_rounds=2)  # no set of pages fits a microsecond
+        thread.join(60)
+        here = m.console_output
+    there = dest.wait()
+    assert not report.converged and len(report.rounds) == 2 and report.final.pages > 0
+    assert "not met" in report.summary()
+    assert here + there["console"].encode() == _expected() and there["ram"] == _reference_ram()
+
+
 def test_a_machine_between_runs_moves_too(tmp_path):
     with _counter() as m:
         m.after_exit = lambda exit, vcpu: m.pause() if m.console_output.endswith(b"count 00000005\n") else None
