@@ -417,7 +417,8 @@ class Machine:
         return uart
 
     def add_qemu_pc(self, serial: BinaryIO | None | bool = None, *, cmdline: str = "", ecam: bool = True,
-                    debug_exits=((0xF4, 4),), debugcons=(), pc_testdev: bool = False, pci_testdevs: int = 0):
+                    debug_exits=((0xF4, 4),), debugcons=(), pc_testdev: bool = False, pci_testdevs: int = 0,
+                    firmware: bool = True):
         """QEMU's PC (``-machine pc``) as far as test kernels use it, for ``pykvm-qemu``: COM1
         (``serial`` False: none), the i8042, fw_cfg, the RTC/CMOS with its interrupt, the PCI host
         bridge (0xCF8/0xCFC, and with ``ecam`` the ECAM window the MCFG announces) with the
@@ -428,9 +429,15 @@ class Machine:
         resources are assigned, and the interrupt vector table, the 8259s and the PIT set up
         (:mod:`pykvm.x86.bios`), as SeaBIOS leaves them before a ``-kernel`` guest starts. Build the
         machine with ``strict=False`` for QEMU's unassigned I/O. The DSDT describes the virtio-mmio
-        transports added before this call (:meth:`add_virtio`). Returns the :class:`PciHost`
-        (its UART, if any, is :attr:`uart`)."""
-        self.recipe["platform"].append(["qemu_pc", None])  # streams and PCI layout: not yet data
+        transports added before this call (:meth:`add_virtio`). With ``firmware=False`` nothing
+        is written into guest RAM or the in-kernel devices (no IVT, no tables, no PIT set-up): a
+        restore puts its own back. Returns the :class:`PciHost` (its UART, if any, is :attr:`uart`)."""
+        # the streams are not data: a restore names its own (the console, the serial port; the
+        # debug consoles on other ports lose their output)
+        self.recipe["platform"].append(["qemu_pc", {
+            "serial": serial is not False, "cmdline": cmdline, "ecam": ecam,
+            "debug_exits": [list(d) for d in debug_exits], "debugcons": [port for port, _stream in debugcons],
+            "pc_testdev": pc_testdev, "pci_testdevs": pci_testdevs}])
         from .devices.acpi_pm import AcpiPm
         from .devices.cmos import Cmos
         from .devices.debug_exit import DebugExit
@@ -448,7 +455,8 @@ class Machine:
         if not self.irqchip or self.ioapic is not None:
             raise ValueError("QEMU's PC needs KVM's in-kernel irqchip (Machine(irqchip=True))")
         ncpus = len(self.vcpus)
-        leave_firmware_state(self.vm, self.memory, pit=self._has_pit)
+        if firmware:
+            leave_firmware_state(self.vm, self.memory, pit=self._has_pit)
         self.uart = None
         if serial is not False:
             self.uart = Uart16550(serial or None, irq=self.irq(4))
@@ -489,8 +497,9 @@ class Machine:
         self.acpi = build_acpi(ncpus, platform="pc", ecam_base=host.ecam_base,
                                ecam_buses=(host.ecam_bus_start, host.ecam_bus_end),
                                virtio_mmio=tuple((t.gpa, t.size, t.irq) for t in self.virtio))
-        self.acpi.write(self.memory)
-        build_mptable(ncpus).write(self.memory)
+        if firmware:
+            self.acpi.write(self.memory)
+            build_mptable(ncpus).write(self.memory)
         self.pci = host
         return host
 

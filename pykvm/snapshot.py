@@ -480,7 +480,7 @@ def check_header(header: dict, where: str) -> None:
         recipe["mem_size"], recipe["cpus"], recipe["irqchip"], recipe["pit"]
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{where}: section header or its parts: malformed or missing ({e})") from None
-    unknown = [name for name in parts if name != "pc_devices"]
+    unknown = [name for name in parts if name not in ("pc_devices", "qemu_pc")]
     if unknown:
         raise SnapshotError(f"{where}: a {unknown[0]} part cannot be restored yet")
 
@@ -496,9 +496,18 @@ def build_machine(cls, header: dict, *, kvm, ram_backing=None, console=None, ser
                   kvm=kvm, console=console, console_limit=recipe["console_limit"], trace=trace,
                   strict=recipe["strict"], cpuid=lambda _supported: cpuid, ram_backing=ram_backing)
     try:
-        for _name, args in recipe["platform"]:  # only pc_devices (check_header)
-            # the tables are in the restored memory already
-            machine.add_pc_devices(serial, cmdline=args["cmdline"], tables=False)
+        for name, args in recipe["platform"]:  # pc_devices or qemu_pc (check_header)
+            if name == "pc_devices":
+                # the tables are in the restored memory already
+                machine.add_pc_devices(serial, cmdline=args["cmdline"], tables=False)
+            else:
+                from .x86 import layout
+
+                machine.add_qemu_pc(serial if args["serial"] else False, cmdline=args["cmdline"], ecam=args["ecam"],
+                                    debug_exits=[tuple(d) for d in args["debug_exits"]],
+                                    debugcons=[(port, console if port == layout.CONSOLE_PORT else None)
+                                               for port in args["debugcons"]],
+                                    pc_testdev=args["pc_testdev"], pci_testdevs=args["pci_testdevs"], firmware=False)
     except BaseException:
         machine.close()
         raise

@@ -305,3 +305,43 @@ def test_the_xsave_area_comes_back_whole_and_a_larger_one_is_refused(guest, tmp_
         assert m2.run(timeout=60).ok
     with pytest.raises(SnapshotError, match="the saved XSAVE area is 8192 bytes; this host's KVM takes 4096"):
         snapshot._xsave_from_hex("00" * 8192, 4096, "vcpu0.xsave")
+
+
+QEMU_PC_RESTORE = textwrap.dedent("""
+    import hashlib, json, sys
+    from pykvm.machine import Machine
+    m = Machine.from_snapshot(sys.argv[1], console=sys.stdout.buffer)
+    outcome = m.run(timeout=120)
+    digests = [hashlib.sha256(m.memory.read(gpa, 4096)).hexdigest() for gpa in range(0, m.ram.size, 4096)]
+    json.dump({"after": digests, "status": outcome.status, "via": outcome.via,
+               "devices": [type(d).__name__ for d in m._devices], "functions": sorted(m.pci._functions)},
+              open(sys.argv[2], "w"))
+""")
+
+
+@pytest.mark.kvm
+def test_a_guest_on_qemus_pc_is_restored_with_its_pci_bus_and_devices(guest, tmp_path):
+    """A machine built with add_qemu_pc (PCI host with a pci-testdev, ACPI PM, RTC, fw_cfg, i8042,
+    isa-debug-exit, isa-debugcon) is snapshotted mid-run and goes on in another process; the
+    counter's DONE lands on an isa-debug-exit put at pykvm's call port."""
+    path = tmp_path / "pc.snap"
+    with Machine(irqchip=True, strict=False) as m:
+        m.add_qemu_pc(False, debug_exits=((0xEA, 4),), debugcons=((0xE9, None),), pci_testdevs=1)
+        m.load_flat(guest("counter"), "long")
+        _pause_at(m, b"count 00000010\n")
+        assert isinstance(m.run(timeout=120), Paused)
+        m.snapshot(path)
+        m.after_exit = None
+        end = m.run(timeout=120)
+        assert end.via == "isa-debug-exit" and end.status == 3  # DONE's call number 1: (1 << 1) | 1
+        source_out, source_end, devices = m.debugcon.captured, _digests(m), [type(d).__name__ for d in m._devices]
+        functions = sorted(m.pci._functions)
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", QEMU_PC_RESTORE, str(path), str(result)], capture_output=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(result.read_text())
+    assert (doc["via"], doc["status"]) == ("isa-debug-exit", 3)
+    assert doc["devices"] == devices and doc["functions"] == functions and len(functions) >= 2  # the testdev among them
+    assert proc.stdout == source_out[source_out.index(b"count 00000011") :]
+    assert doc["after"] == source_end
