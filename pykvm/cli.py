@@ -215,10 +215,16 @@ def _add_restore(sub) -> None:
     snapcli.add_parser(sub)
 
 
-def _add_control(sub) -> None:
+def _add_snapshot(sub) -> None:
     from . import snapcli
 
-    snapcli.add_control_parsers(sub)
+    snapcli.add_snapshot_parser(sub)
+
+
+def _add_migrate(sub) -> None:
+    from . import snapcli
+
+    snapcli.add_migrate_parser(sub)
 
 
 def _add_boot(sub) -> None:
@@ -229,8 +235,8 @@ def _add_boot(sub) -> None:
 
 #: Each subcommand and what adds its parser, in the order ``pykvm --help`` lists them.
 SUBCOMMANDS = {"run": _add_run, "probe": _add_probe, "compare": _add_compare, "tlb": _add_tlb,
-               "nested": _add_nested, "boot": _add_boot, "restore": _add_restore, "snapshot": _add_control,
-               "migrate": _add_control}
+               "nested": _add_nested, "boot": _add_boot, "restore": _add_restore, "snapshot": _add_snapshot,
+               "migrate": _add_migrate}
 
 
 def _error(message: str) -> None:

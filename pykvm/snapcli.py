@@ -142,10 +142,7 @@ def add_run_options(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the console")
 
 
-def add_control_parsers(sub) -> None:
-    from . import migration
-    from .argtypes import number
-
+def add_snapshot_parser(sub) -> None:
     snap = sub.add_parser(
         "snapshot", help="save a running VM (pykvm run --control) to a file; it runs on",
         description="Ask the pykvm that serves the control socket to save its whole VM between two exits; the "
@@ -155,6 +152,11 @@ def add_control_parsers(sub) -> None:
     snap.add_argument("file", help="where to write the snapshot (on the host of that pykvm)")
     snap.add_argument("--json", action="store_true", help="print the answer as one JSON document")
     snap.set_defaults(func=cmd_snapshot)
+
+
+def add_migrate_parser(sub) -> None:
+    from . import migration
+    from .argtypes import number
 
     mig = sub.add_parser(
         "migrate", help="move a running VM (pykvm run --control) to a pykvm run --incoming",
