@@ -215,24 +215,22 @@ def _drop_after_pages(n):
     return behave
 
 
-def _drop_before_run(stream, seen):
+def _take_until_done(stream, seen):
     stream.receive_json("HELO")
     stream.send(b"OKAY")
     while True:
         tag, _ = stream.receive()
         seen["tags"].append(tag)
         if tag == b"DONE":
-            return  # and never says RUN!
+            return
+
+
+def _drop_before_run(stream, seen):
+    _take_until_done(stream, seen)  # and never says RUN!
 
 
 def _refuse_state(stream, seen):
-    stream.receive_json("HELO")
-    stream.send(b"OKAY")
-    while True:
-        tag, _ = stream.receive()
-        seen["tags"].append(tag)
-        if tag == b"DONE":
-            break
+    _take_until_done(stream, seen)
     stream.send_json(b"FAIL", {"error": "no room for it"})
 
 
