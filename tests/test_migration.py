@@ -152,6 +152,37 @@ def test_a_counting_guest_moves_to_another_process_and_goes_on_with_nothing_lost
     assert there["info"]["pages"] == report.pages
 
 
+def test_two_vcpus_move_mid_count_and_each_count_goes_on(tmp_path):
+    """guests/smp_counter.S (two vCPUs, each counting over its own region) moved while both count:
+    each vCPU's sequence goes on at the destination with nothing repeated or lost, and the memory
+    at the end is an uninterrupted run's. The source is slowed after each exit (Machine.sleep,
+    which a stop for the migration cuts short) so that the move falls mid-count."""
+    image = guest_image("smp_counter").read_bytes()
+    with Machine(MEM, cpus=2, irqchip=True) as ref:
+        ref.load_flat(image, "long")
+        assert ref.run(timeout=60).ok
+        reference = hashlib.sha256(ref.ram._map[:]).hexdigest()
+    with Machine(MEM, cpus=2, irqchip=True) as m:
+        m.load_flat(image, "long")
+        m.after_exit = lambda exit, vcpu: m.sleep(0.004)
+        dest = _Destination(tmp_path)
+        thread, box = _run_in_thread(m)
+        _wait_for(m, b"cpu1 count 00000005\n")
+        report = migrate(m, dest.address, downtime=0.02)
+        thread.join(60)
+        assert "error" not in box, box.get("error")
+        assert box["outcome"].via == "migrated"
+        here = m.console_output.decode()
+    there = dest.wait()
+    assert there["status"] == 0 and there["ram"] == reference
+    lines = (here + there["console"]).splitlines()
+    for cpu in (0, 1):
+        counts = [line for line in lines if line.startswith(f"cpu{cpu} count ")]
+        assert counts == [f"cpu{cpu} count {n:08x}" for n in range(1, 101)], cpu
+    assert "cpu0 count 00000064" not in here and lines[-1] == "bsp: both done"  # it ended at the destination
+    assert report.final is not None
+
+
 def test_a_guest_that_outruns_the_budget_is_stopped_after_max_rounds_and_still_loses_nothing(tmp_path):
     with _counter() as m:
         dest = _Destination(tmp_path)
