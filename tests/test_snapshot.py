@@ -342,3 +342,33 @@ def test_a_guest_on_qemus_pc_is_restored_with_its_pci_bus_and_devices(guest, tmp
     assert doc["devices"] == devices and doc["functions"] == functions and len(functions) >= 2  # the testdev among them
     assert proc.stdout == source_out[source_out.index(b"count 00000011") :]
     assert doc["after"] == source_end
+
+
+@pytest.mark.kvm
+def test_a_machine_with_the_split_irqchip_comes_back_with_its_python_ioapic(guest, tmp_path):
+    """irqchip="split": the local APICs in the kernel, the IOAPIC in Python (a device model that
+    saves its redirection table); a guest restored in another process goes on to the same end."""
+    path = tmp_path / "split.snap"
+    with Machine(irqchip="split") as m:
+        m.load_flat(guest("counter"), "long")
+        entry = m.ioapic.save()
+        # a programmed redirection entry, as a guest leaves it, must come back as it was
+        m.ioapic.write_indexed(0x10 + 2 * 4, 0x00010031)  # pin 4, low half: vector 0x31, masked
+        _pause_at(m, b"count 00000010\n")
+        assert isinstance(m.run(timeout=120), Paused)
+        saved_ioapic = m.ioapic.save()
+        assert saved_ioapic != entry
+        m.snapshot(path)
+        m.after_exit = None
+        assert m.run(timeout=120).ok
+        source_out, source_end = m.debugcon.captured, _digests(m)
+    sections = snapshot.read(path).sections
+    assert sections["vm"]["irqchips"] == {} and "lapic" in sections["vcpu0"]["structs"]
+    assert [d["type"] for d in sections["devices"]["devices"]][:2] == ["DebugConsole", "Ioapic"]
+    assert sections["devices"]["devices"][1]["state"] == saved_ioapic
+    result = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", RESTORE, str(path), str(result)], capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(result.read_text())
+    assert doc["status"] == 0 and doc["after"] == source_end
+    assert proc.stdout == source_out[source_out.index(b"count 00000011") :]
