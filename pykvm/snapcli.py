@@ -323,8 +323,8 @@ def cmd_incoming(args) -> int:
     serial, close_serial, console = _streams(args)
     try:
         with Incoming(args.incoming) as incoming:
-            if not args.json:
-                print(f"pykvm: waiting for a migration on {incoming.address}", file=sys.stderr, flush=True)
+            # also with --json (stdout has the document): a destination on port 0 says which port it took
+            print(f"pykvm: waiting for a migration on {incoming.address}", file=sys.stderr, flush=True)
             try:
                 machine, info = incoming.accept(max_mem=args.mem, console=console, serial=serial, timeout=30.0,
                                                 wait=args.incoming_wait)

@@ -404,9 +404,11 @@ def _long_expected() -> bytes:
 
 
 def test_pykvm_migrate_moves_a_running_pykvm_run_to_pykvm_run_incoming(tmp_path):
-    control, incoming = str(tmp_path / "vm.sock"), f"unix:{tmp_path}/in.sock"
-    dest = _pykvm("run", "--incoming", incoming, "--incoming-wait", "60", "--timeout", "120", "--json")
-    _wait_socket(incoming[5:], dest)
+    control = str(tmp_path / "vm.sock")
+    dest = _pykvm("run", "--incoming", "127.0.0.1:0", "--incoming-wait", "60", "--timeout", "120", "--json")
+    said = dest.stderr.readline().decode()  # TCP on loopback, on the port the destination took
+    assert said.startswith("pykvm: waiting for a migration on tcp:127.0.0.1:"), said
+    incoming = said.split(" on ", 1)[1].strip()
     source = _pykvm("run", str(guest_image("counter_long")), "--mem", "32M", "--control", control, "--timeout", "120")
     _wait_socket(control, source)
     time.sleep(0.3)
