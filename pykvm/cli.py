@@ -253,7 +253,7 @@ def _run_document(args, image: str, mode: Mode | None, outcome: Outcome | None, 
         doc["exits"] = machine.exit_count
         doc["syncs"] = machine.syncs
     if outcome is not None:
-        doc["result"] = "fail" if outcome.failure else "done"
+        doc["result"] = "fail" if outcome.failure else "migrated" if outcome.via == "migrated" else "done"
         doc["status"] = st.of_outcome(outcome)
         doc["guest_status"] = outcome.status
         doc["via"] = outcome.via

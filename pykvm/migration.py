@@ -430,7 +430,7 @@ class Incoming:
             raise
         finally:
             stream.close()
-        return machine, {"from": format_address(self.family, peer) if peer else "unix", "pages": pages,
+        return machine, {"from": format_address(self.family, peer) if peer else "a local process", "pages": pages,
                          "messages": rounds, "seconds": time.monotonic() - start, "apply_seconds": apply_seconds}
 
 
