@@ -54,10 +54,13 @@ class ControlServer:
             self.sock.close()
             raise OSError(e.errno, f"--control {path}: {e.strerror}") from None
         self._closed = False
+        self._requests: set[threading.Thread] = set()  # the connections being answered
         self.thread = threading.Thread(target=self._serve, name="pykvm-control", daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        """Stop serving; wait for the requests in progress (a migration whose guest ended while
+        it copied finishes its round and fails), so that the machine is not closed under them."""
         self._closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -68,6 +71,8 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+        for thread in list(self._requests):
+            thread.join()
 
     def __enter__(self):
         return self
@@ -81,9 +86,17 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._connection, args=(conn,), name="pykvm-control-request", daemon=True).start()
+            thread = threading.Thread(target=self._connection, args=(conn,), name="pykvm-control-request", daemon=True)
+            self._requests.add(thread)
+            thread.start()
 
     def _connection(self, conn: socket.socket) -> None:
+        try:
+            self._answer_connection(conn)
+        finally:
+            self._requests.discard(threading.current_thread())
+
+    def _answer_connection(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(10)
             try:
@@ -133,7 +146,8 @@ class ControlServer:
             try:
                 report = migrate(machine, to, **kwargs)
             except MigrationError as e:
-                raise ControlError(f"migration to {to}: {e}; the guest runs on here", st.HOST_FAILURE) from None
+                where = "the guest runs on here" if machine.running else "its run here has ended"
+                raise ControlError(f"migration to {to}: {e}; {where}", st.HOST_FAILURE) from None
             except (SnapshotError, ValueError) as e:
                 raise ControlError(f"migration to {to}: {e}", st.USAGE) from None
             return {"report": report.to_json(), "summary": report.summary()}

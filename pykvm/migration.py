@@ -274,9 +274,13 @@ def migrate(machine, to: str, *, downtime: float = DEFAULT_DOWNTIME, max_rounds:
             report.rounds.append(_send_pages(stream, ram, sorted(pending)))
             pending = watch.collect()
         stop_asked = time.monotonic()
-        if was_running and not machine.running:
-            raise MigrationError("the guest's run ended before the stop-and-copy: nothing was moved")
-        ended = machine.request(lambda: _stop_and_copy(machine, stream, watch, pending, report, start, stop_asked))
+
+        def stop_and_copy():
+            if was_running and not machine.running:  # served after the run ended, not in one of its stops
+                raise MigrationError("the guest's run ended before the stop-and-copy: nothing was moved")
+            return _stop_and_copy(machine, stream, watch, pending, report, start, stop_asked)
+
+        ended = machine.request(stop_and_copy)
         ended.result()
         return report
     finally:

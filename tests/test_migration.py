@@ -484,3 +484,26 @@ def test_pykvm_run_incoming_refuses_image_options_and_a_guest_too_large(tmp_path
     assert dest.returncode == 64
     assert err.decode().splitlines()[-1] == ("pykvm: error: migration: refused the source's machine: the source's "
                                              "guest has 32 MiB of memory; this destination takes at most 8 MiB")
+
+
+def test_a_guest_that_ends_during_a_migration_ends_well_and_the_migration_fails_clearly(tmp_path):
+    """The source's guest says DONE while the destination is still answering HELO: the run ends
+    as the guest said, pykvm run waits for the migration in progress before it closes the machine
+    (it copies from guest RAM), and pykvm migrate says nothing was moved."""
+    def slow_hello(stream, seen):
+        stream.receive_json("HELO")
+        time.sleep(1.5)  # the counter (200 rounds) ends meanwhile
+        stream.send(b"OKAY")
+        while True:
+            seen["tags"].append(stream.receive()[0])
+
+    address, seen = _fake_destination(tmp_path, slow_hello)
+    control = str(tmp_path / "vm.sock")
+    source = _pykvm("run", str(guest_image("counter")), "--mem", "32M", "--control", control, "--timeout", "60")
+    _wait_socket(control, source)
+    asked = subprocess.run([*PYKVM, "migrate", "--control", control, address], capture_output=True, timeout=60)
+    out, err = source.communicate(timeout=60)
+    assert source.returncode == 0, err.decode()
+    assert out == _expected(200)
+    assert asked.returncode == 68, asked.stderr.decode()
+    assert b"the guest's run ended before the stop-and-copy: nothing was moved; its run here has ended" in asked.stderr
