@@ -18,6 +18,8 @@
  *   rng                 read 64 bytes of entropy
  *   net=TARGET/OWN      ARP for TARGET (dotted IPv4) from OWN, wait for the reply
  *   hostile=NAME        a misbehaving driver (hostile.c has the list); may be repeated
+ *   soak=N              N rounds of blk write / read back (and a console line each, if there is a
+ *                       console device): the long deterministic workload of the snapshot tests
  *   no-event-idx        do not accept VIRTIO_F_EVENT_IDX
  *   no-indirect         do not accept VIRTIO_F_INDIRECT_DESC
  * Devices are probed (and their line printed) whatever the words; those that no word asks for are
@@ -299,6 +301,9 @@ void kmain(u32 magic, const struct multiboot_info *info)
 	const char *net = word_value("net=");
 	if (net || has_word("net"))
 		net_test(need_device(VIRTIO_ID_NET, "net"), net);
+	const char *soak = word_value("soak=");
+	if (soak)
+		soak_test(parse_number(&soak));
 	for (const char *h = word_value("hostile="); h; h = next_word_value("hostile=", h))
 		hostile_test(h);
 

@@ -223,6 +223,7 @@ void console_test(struct vdev *d);
 void rng_test(struct vdev *d);
 void net_test(struct vdev *d, const char *arg);
 void hostile_test(const char *name);
+void soak_test(u32 rounds);
 u64 blk_wanted_features(void);
 void put_counts(const char *prefix, struct vdev *d);
 
