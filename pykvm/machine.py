@@ -546,16 +546,20 @@ class Machine:
                              "interrupts go through an irqfd" + (", which the split irqchip's Python IOAPIC "
                                                                  "does not see" if self.irqchip else ""))
         slot = len(self.virtio)
-        self.recipe["platform"].append(["virtio", None])  # a backend's file or TAP: not yet data
         if slot >= len(layout.VIRTIO_IRQS):
             raise ValueError(f"no free virtio-mmio slot: a machine has {len(layout.VIRTIO_IRQS)}")
         transport = VirtioMmio(device, self.memory, layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE,
                                layout.VIRTIO_IRQS[slot], vm=self.vm)
         try:
-            transport.attach(self.bus)
+            # a device model like the others: its state is saved with theirs, in the order added
+            self.add_device(transport)
         except BaseException:
             transport.close()
             raise
+        # how to build the backend again (pykvm.snapshot.build_machine), or None where it is not
+        # data (a function, a host input fd): such a machine is not snapshotted or moved
+        self.recipe["platform"].append(["virtio", device.recipe()])
+        transport.resume_when = lambda: self.in_run  # a parked worker (a snapshot's) goes on when the vCPUs do
         self.virtio.append(transport)
         return transport
 

@@ -384,6 +384,10 @@ def _devices(machine) -> list:
 def _capture(machine, what: str) -> tuple[list[VcpuState], VmState, list[dict]]:
     """Every vCPU's state (its last exit's I/O completed first), the in-kernel devices' and each
     device model's save(), in _devices order; a device that cannot say its state is a SnapshotError."""
+    for transport in getattr(machine, "virtio", ()):
+        # before anything is read: no request in flight, the pending notifies served, their
+        # interrupts in the irqchip (VirtioMmio.quiesce)
+        transport.quiesce()
     for vcpu in machine.vcpus:
         _complete_pending_io(vcpu)
     msr_indices = machine.kvm.get_msr_index_list()
@@ -480,9 +484,56 @@ def check_header(header: dict, where: str) -> None:
         recipe["mem_size"], recipe["cpus"], recipe["irqchip"], recipe["pit"]
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{where}: section header or its parts: malformed or missing ({e})") from None
-    unknown = [name for name in parts if name not in ("pc_devices", "qemu_pc")]
+    unknown = [name for name in parts if name not in ("pc_devices", "qemu_pc", "virtio")]
     if unknown:
         raise SnapshotError(f"{where}: a {unknown[0]} part cannot be restored yet")
+    for name, args in recipe["platform"]:
+        if name == "virtio" and not (isinstance(args, dict) and args.get("type") in VIRTIO_TYPES):
+            raise SnapshotError(f"{where}: a virtio part that cannot be built again ({args!r})")
+
+
+#: The virtio backends a recipe can name (VirtioDevice.recipe), and the arguments each is built from.
+VIRTIO_TYPES = ("blk", "console", "rng", "net")
+
+
+def build_virtio(args: dict, *, console=None, where: str = "the recipe"):
+    """A virtio backend built again from its recipe (VirtioDevice.recipe): a disk opens the same
+    image, which must be the one the guest left (a snapshot does not hold disk contents), of the
+    same size; a console writes to ``console`` (None: its output is only captured); a NIC opens
+    its TAP by name. Raises SnapshotError with the reason."""
+    from .virtio import VirtioError
+
+    kind = args["type"]
+    try:
+        if kind == "blk":
+            from .virtio.blk import SECTOR, VirtioBlk
+
+            device = VirtioBlk(args["path"], readonly=bool(args["readonly"]), serial=args["serial"])
+            if device.capacity != args["sectors"]:
+                size = device.capacity * SECTOR
+                device.close()
+                raise SnapshotError(
+                    f"{where}: disk image {args['path']} is {size} bytes; the saved machine's was "
+                    f"{args['sectors'] * SECTOR} (a snapshot does not hold the disk: restore it with the image "
+                    "the guest left)")
+            return device
+        if kind == "console":
+            from .virtio.console import VirtioConsole
+
+            return VirtioConsole(console, limit=int(args["limit"]))
+        if kind == "rng":
+            from .virtio.rng import VirtioRng
+
+            return VirtioRng()
+        from .virtio.net import VirtioNet
+
+        return VirtioNet(args["tap"], mac=args["mac"])
+    except VirtioError as e:
+        raise SnapshotError(f"{where}: virtio {kind}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, SnapshotError):
+            raise
+        raise SnapshotError(f"{where}: virtio {kind}: malformed recipe ({type(e).__name__}: {e})") from None
 
 
 def build_machine(cls, header: dict, *, kvm, ram_backing=None, console=None, serial=None, trace=None):
@@ -496,8 +547,10 @@ def build_machine(cls, header: dict, *, kvm, ram_backing=None, console=None, ser
                   kvm=kvm, console=console, console_limit=recipe["console_limit"], trace=trace,
                   strict=recipe["strict"], cpuid=lambda _supported: cpuid, ram_backing=ram_backing)
     try:
-        for name, args in recipe["platform"]:  # pc_devices or qemu_pc (check_header)
-            if name == "pc_devices":
+        for name, args in recipe["platform"]:  # pc_devices, qemu_pc or virtio (check_header), in order
+            if name == "virtio":
+                machine.add_virtio(build_virtio(args, console=console))
+            elif name == "pc_devices":
                 # the tables are in the restored memory already
                 machine.add_pc_devices(serial, cmdline=args["cmdline"], tables=False)
             else:

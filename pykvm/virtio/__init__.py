@@ -105,6 +105,23 @@ class VirtioDevice:
         self.features = 0
         self.queues = []
 
+    # ---- snapshots, restore, migration -----------------------------------------------------------
+    def recipe(self) -> dict | None:
+        """How to build this backend again, as plain data (``{"type": "blk", ...}``, see
+        :func:`pykvm.snapshot.build_machine`), or None where it is made of something that is not
+        data (a function, an input file descriptor): a machine with it is not snapshotted or moved."""
+        return None
+
+    def save(self) -> dict:
+        """The backend's own state (beyond the transport's and the rings in guest memory), taken with
+        its transport quiesced (no request in flight). Plain data, as ``Device.save``."""
+        raise NotImplementedError(f"virtio {self.name} ({type(self).__name__}) does not say what its state is")
+
+    def restore(self, state: dict) -> None:
+        """Put back what :meth:`save` gave, on a backend built from :meth:`recipe` and activated
+        with the saved features and queues; raises ValueError naming what does not fit."""
+        raise NotImplementedError(f"virtio {self.name} ({type(self).__name__}) cannot take a saved state")
+
     def close(self) -> None:
         """Release host resources (files, threads). Idempotent."""
 

@@ -252,6 +252,26 @@ class VirtioBlk(VirtioDevice):
                 punch_hole(self._fd, offset, length)
         self.stats["discards"] += len(ranges)
 
+    # ---- snapshots ------------------------------------------------------------------------------
+    def recipe(self) -> dict:
+        """The image is named, not saved: a restore opens the same file (a snapshot does not hold
+        the disk's contents; the image must be the one the guest left, of the same size)."""
+        return {"type": "blk", "path": os.path.abspath(self.path), "readonly": self.readonly,
+                "serial": self.serial.decode(errors="replace"), "sectors": self.capacity}
+
+    def save(self) -> dict:
+        return {"sectors": self.capacity, "discard": self.discard}
+
+    def restore(self, state: dict) -> None:
+        from ..devices.base import field
+
+        sectors = field(state, "sectors", int)
+        if sectors != self.capacity:
+            raise ValueError(f"disk image {self.path} has {self.capacity} sectors; the saved machine's had {sectors}")
+        if field(state, "discard", bool) and not self.discard and self.features & F_DISCARD:
+            raise ValueError(f"disk image {self.path}: the guest uses discard, but this host's file system "
+                             "cannot punch holes in it")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

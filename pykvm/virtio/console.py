@@ -162,6 +162,34 @@ class VirtioConsole(VirtioDevice):
             pass
         self._deliver()
 
+    # ---- snapshots ------------------------------------------------------------------------------
+    def recipe(self) -> dict | None:
+        """A console without host input; its output goes where the restorer says (or nowhere).
+        One reading a host stream or file descriptor is not data: None."""
+        return {"type": "console", "limit": self.output.capture.limit} if self.input is None else None
+
+    def save(self) -> dict:
+        # Where the output is, not what it showed (it reached the stream already); input the
+        # guest has not taken yet.
+        with self._input_lock:
+            pending = bytes(self._pending)
+        return {"written": self.output.capture.total, "pending": pending.hex(), "input_bytes": self.input_bytes}
+
+    def restore(self, state: dict) -> None:
+        from ..devices.base import field, hex_field
+
+        written = field(state, "written", int, limit=1 << 63)
+        pending = hex_field(state, "pending")
+        self.input_bytes = field(state, "input_bytes", int)
+        self.output.capture.clear()
+        self.output.capture.total = written  # the saved bytes count as dropped
+        with self._input_lock:
+            self._pending[:] = pending
+            if len(self._pending) >= INPUT_LIMIT:
+                self._room.clear()
+        if pending:
+            os.eventfd_write(self._wake_fd, 1)
+
     def close(self) -> None:
         if self._closed:
             return

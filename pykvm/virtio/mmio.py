@@ -16,6 +16,19 @@ in hand, joins it, then resets: the guest's Status write returns only when no re
 flight. A plain (trapped) write to QueueNotify works too, for drivers whose write the ioeventfd
 does not match or a transport without a VM; it is counted apart (:attr:`VirtioMmio.stats`).
 
+Snapshots, restore and migration (:mod:`pykvm.snapshot`): :meth:`VirtioMmio.quiesce` (called with
+every vCPU stopped, before any state is read) lets the worker finish the request in hand and stop,
+serves the notifies that came before the stop in the caller's thread, and flushes the irqfd (KVM
+injects an irqfd's interrupt from a work item: deassigning the irqfd waits for it), so that the
+rings in guest memory, the transport's state and the interrupt controllers agree. The worker then
+stays *parked*: it watches only what a running guest does (its notifies, a trapped QueueNotify)
+and :attr:`VirtioMmio.resume_when` (the machine's "the vCPUs run again"), not host input, so that
+nothing reaches guest memory between the state and the last pages a migration sends. A parked
+worker that wakes serves every queue once and goes on as before. :meth:`VirtioMmio.save` gives the
+registers, each queue's configuration and ring position and the backend's own state;
+:meth:`VirtioMmio.restore` puts them back (the ioeventfds and the irqfd are wired at creation) and
+parks the worker, which serves what is pending once the restored machine runs.
+
 Without ``vm`` the transport serves a bare :class:`~pykvm.memory.GuestMemory` (unit tests): the
 queue eventfds and the interrupt eventfd (:attr:`VirtioMmio.irq_fd`) are the same, nobody but the
 test reads or writes them. With ``threaded=False`` there is no worker: a trapped notify is served
@@ -30,7 +43,7 @@ import threading
 from collections import Counter
 
 from .. import exits
-from ..devices.base import Device
+from ..devices.base import Device, field
 from . import (
     INT_CONFIG_CHANGE,
     INT_USED_BUFFER,
@@ -96,6 +109,8 @@ RESETS = "resets"
 ERRORS = "device errors"  # times the device went to DEVICE_NEEDS_RESET
 HOST_ERRORS = "host errors"  # of those, failures on the host side (a backend raised something else than VirtqueueError)
 
+PARK_POLL = 0.02  # seconds between a parked worker's looks at resume_when
+
 
 class VirtioMmio(Device):
     """One virtio device behind a virtio-mmio register window at ``gpa``, interrupting on GSI ``irq``.
@@ -139,6 +154,11 @@ class VirtioMmio(Device):
         self.irq_fd = self._eventfd()
         self._stop_fd = self._eventfd()
         self._kick_fd = self._eventfd()  # trapped notifies, for the worker
+        self._resume_fd = self._eventfd()  # wakes a parked worker (resume)
+        #: Called by a parked worker (see quiesce) every PARK_POLL seconds: True when it may go on
+        #: (Machine.add_virtio sets it to "the vCPUs run"); None: only the guest's notifies wake it.
+        self.resume_when = None
+        self._quiet = False  # quiesced: nothing served since (save needs it)
         self._assigned: list[tuple[int, int]] = []  # (fd, queue index) given to KVM_IOEVENTFD
         self.ioeventfd = False
         self._irqfd = False
@@ -362,13 +382,16 @@ class VirtioMmio(Device):
             self._trapped.clear()
             self._reset_registers()
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, parked: bool = False) -> None:
         with self._life:
             if self._worker is not None or self._closed:
                 return
             self._drain(self._stop_fd)
-            self._worker = threading.Thread(target=self._run_worker, name=f"virtio-{self.device.name}@{self.gpa:#x}",
-                                            daemon=True)
+            self._drain(self._resume_fd)
+            if not parked:
+                self._quiet = False
+            self._worker = threading.Thread(target=self._run_worker, args=(parked,),
+                                            name=f"virtio-{self.device.name}@{self.gpa:#x}", daemon=True)
             self._worker.start()
 
     def _stop_worker(self) -> None:
@@ -379,6 +402,101 @@ class VirtioMmio(Device):
             os.eventfd_write(self._stop_fd, 1)
             if worker is not threading.current_thread():
                 worker.join()
+
+    # ---- snapshots, restore, migration --------------------------------------------------------
+    def quiesce(self) -> None:
+        """With every vCPU stopped: no request in flight, and nothing pending left unserved. The
+        worker finishes the request in hand and stops; the notifies that came before are served
+        here; the irqfd is flushed (its interrupts are in the irqchip when this returns); the worker
+        is parked (see the module text) until the guest runs again."""
+        self._stop_worker()
+        if self._closed:
+            return
+        if self.status & STATUS_DRIVER_OK:
+            for index, fd in enumerate(self.queue_fds):
+                n = self._drain(fd)
+                if n:
+                    with self._lock:
+                        self.stats[NOTIFY_IOEVENTFD] += n
+                    self._service(index)
+            self._drain(self._kick_fd)
+            self._service_trapped()
+        self._flush_irqfd()
+        self._quiet = True
+        if self.threaded and self.status & STATUS_DRIVER_OK:
+            self._start_worker(parked=True)
+
+    def resume(self) -> None:
+        """Let a parked worker go on now (it serves every queue once), without waiting for the
+        guest or :attr:`resume_when`."""
+        if self._worker is not None:
+            os.eventfd_write(self._resume_fd, 1)
+        elif self.threaded and self.status & STATUS_DRIVER_OK and not self._closed:
+            self._start_worker()
+            os.eventfd_write(self._resume_fd, 1)
+
+    def _flush_irqfd(self) -> None:
+        """KVM injects an irqfd's interrupt (to the IOAPIC) from a work item; deassigning the irqfd
+        waits for those in flight. Assigned again at once."""
+        if self.vm is None or not self._irqfd:
+            return
+        self.vm.irqfd(self.irq_fd, self.irq, deassign=True)
+        self._irqfd = False
+        self.vm.irqfd(self.irq_fd, self.irq)
+        self._irqfd = True
+
+    def save(self) -> dict:
+        """The transport's registers, each queue's configuration and position in its rings, and
+        the backend's own state (VirtioDevice.save). Quiesces first if that was not done."""
+        if not self._quiet:
+            self.quiesce()
+        with self._lock:
+            return {"device_id": self.device.device_id, "offered": self.offered, "status": self.status,
+                    "driver_features": self.driver_features, "device_features_sel": self.device_features_sel,
+                    "driver_features_sel": self.driver_features_sel, "queue_sel": self.queue_sel,
+                    "interrupt_status": self.interrupt_status, "config_generation": self.config_generation,
+                    "error": self.error, "queues": [q.save() for q in self.queues], "device": self.device.save()}
+
+    def restore(self, state: dict) -> None:
+        """Put back what :meth:`save` gave, on a transport built with the same backend (the
+        rings are in the restored guest memory). The worker is parked: it serves what is pending
+        when the guest runs (see the module text). Raises ValueError naming what does not fit."""
+        device_id = field(state, "device_id", int)
+        if device_id != self.device.device_id:
+            raise ValueError(f"saved for virtio device {device_id}, this transport has {self.device.name} "
+                             f"({self.device.device_id})")
+        regs = {name: field(state, name, int, limit=1 << 64) for name in (
+            "offered", "status", "driver_features", "device_features_sel", "driver_features_sel", "queue_sel",
+            "interrupt_status", "config_generation")}
+        error = field(state, "error", (str, type(None)))
+        queues = field(state, "queues", list)
+        device_state = field(state, "device", dict)
+        if len(queues) != len(self.queues):
+            raise ValueError(f"saved {len(queues)} queues, {self.device.name} has {len(self.queues)}")
+        if regs["status"] & STATUS_FEATURES_OK and regs["driver_features"] & ~self.offered:
+            raise ValueError(f"the guest negotiated features {regs['driver_features'] & ~self.offered:#x} that "
+                             f"{self.device.name} does not offer here (offered {self.offered:#x}, "
+                             f"saved {regs['offered']:#x})")
+        for queue in self.queues:
+            queue.halted = True
+        self._stop_worker()
+        with self._lock:
+            for queue, saved in zip(self.queues, queues):
+                queue.restore(saved)
+            self.status, self.driver_features = regs["status"], regs["driver_features"]
+            self.device_features_sel, self.driver_features_sel = regs["device_features_sel"], regs["driver_features_sel"]
+            self.queue_sel, self.interrupt_status = regs["queue_sel"], regs["interrupt_status"]
+            self.config_generation, self.error = regs["config_generation"] & 0xFFFFFFFF, error
+            self._trapped.clear()
+            for fd in (*self.queue_fds, self._kick_fd):
+                self._drain(fd)  # notifies of a history the state replaces (a fast reset)
+            self.device.reset()
+            if self.status & STATUS_DRIVER_OK:
+                self.device.activate(self.driver_features, self.queues)
+            self.device.restore(device_state)
+        self._quiet = True
+        if self.threaded and self.status & STATUS_DRIVER_OK:
+            self._start_worker(parked=True)
 
     def close(self) -> None:
         """Stop the worker, take the eventfds back from KVM, close the backend. Idempotent."""
@@ -499,9 +617,39 @@ class VirtioMmio(Device):
                 self._guarded(lambda: self.device.wake(fd))
                 self._signal_used()
 
-    def _run_worker(self) -> None:
+    def _wait_parked(self) -> bool:
+        """A parked worker's wait: True when the guest notified (or a trapped notify, resume(), or
+        resume_when says the vCPUs run), False when the worker is to stop."""
         poller = select.poll()
-        roles: dict[int, tuple[str, int]] = {self._stop_fd: ("stop", 0), self._kick_fd: ("kick", 0)}
+        for fd in (self._stop_fd, self._kick_fd, self._resume_fd, *self.queue_fds):
+            poller.register(fd, select.POLLIN)
+        while True:
+            events = poller.poll(int(PARK_POLL * 1000))
+            if any(fd == self._stop_fd for fd, _ in events):
+                return False
+            check = self.resume_when
+            if events or (check is not None and check()):
+                return True
+
+    def _serve_all(self) -> None:
+        """Every queue once and the device's host input: work that may be pending after a restore."""
+        for index in range(len(self.queues)):
+            self._service(index)
+        for fd in self.device.wake_fds():
+            if select.select([fd], [], [], 0)[0]:
+                self._guarded(lambda: self.device.wake(fd))
+                self._signal_used()
+
+    def _run_worker(self, parked: bool = False) -> None:
+        if parked:
+            if not self._wait_parked():
+                return
+            self._quiet = False
+            self._drain(self._resume_fd)
+            self._serve_all()
+        poller = select.poll()
+        roles: dict[int, tuple[str, int]] = {self._stop_fd: ("stop", 0), self._kick_fd: ("kick", 0),
+                                             self._resume_fd: ("resume", 0)}
         for index, fd in enumerate(self.queue_fds):
             roles[fd] = ("queue", index)
         for fd in self.device.wake_fds():
@@ -521,6 +669,8 @@ class VirtioMmio(Device):
                 elif role == "kick":
                     self._drain(fd)
                     self._service_trapped()
+                elif role == "resume":
+                    self._drain(fd)
                 else:
                     self._guarded(lambda: self.device.wake(fd))
                     self._signal_used()

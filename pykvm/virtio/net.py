@@ -170,6 +170,34 @@ class VirtioNet(VirtioDevice):
             stats[RX_BYTES] += n - VNET_HDR_SIZE
             queue.push(chain.head, n)
 
+    # ---- snapshots --------------------------------------------------------------------------------
+    def recipe(self) -> dict:
+        """The TAP by name (a restore opens or creates it in its own network namespace) and the MAC."""
+        return {"type": "net", "tap": self.tap.name, "mac": format_mac(self.mac)}
+
+    def save(self) -> dict:
+        return {"mac": format_mac(self.mac), "held": None if self._held is None else self._held.head,
+                "stats": dict(self.stats)}
+
+    def restore(self, state: dict) -> None:
+        from ..devices.base import field
+
+        mac = field(state, "mac", str)
+        if mac != format_mac(self.mac):
+            raise ValueError(f"the saved MAC address is {mac}, this device's {format_mac(self.mac)}")
+        held = field(state, "held", (int, type(None)))
+        self.stats = Counter({str(k): int(v) for k, v in field(state, "stats", dict).items()})
+        self._held = None
+        if held is not None:
+            if not self.queues:
+                raise ValueError("a receive buffer was held, but the device is not active")
+            from .queue import VirtqueueError
+
+            try:
+                self._held = self.queues[RECEIVEQ].retake(held)
+            except VirtqueueError as e:
+                raise ValueError(f"the held receive buffer: {e}") from None
+
     # ---- life cycle -------------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()

@@ -150,6 +150,7 @@ class Virtqueue:
         self.used_idx = 0  # the device's used.idx
         self._signalled = 0  # used.idx at the last interrupt decision
         self._desc = self._avail = self._used = self._used16 = None
+        self._taken: dict[int, list[tuple[int, int]]] = {}  # head -> writable segments, popped and not pushed
 
     def __repr__(self) -> str:
         return (f"<Virtqueue {self.index} size={self.size} ready={self.ready} desc={self.desc_addr:#x} "
@@ -214,12 +215,22 @@ class Virtqueue:
             if not self.event_idx:
                 return None
             self._used16[2 + 4 * self.size] = self.last_avail  # avail_event, after the size ring entries
+            self._mark(self.device_addr + 4 + 8 * self.size, 2)
             full_barrier()
             if not self.pending():
                 return None
         head = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail % self.size))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return self.walk(head)
+        chain = self.walk(head)
+        self._taken[head] = chain.writable
+        return chain
+
+    def retake(self, head: int) -> Chain:
+        """Chain ``head`` walked again, as the device held it when its state was saved (a chain
+        popped and not yet pushed, such as virtio-net's receive buffer kept for the next frame)."""
+        chain = self.walk(head)
+        self._taken[head] = chain.writable
+        return chain
 
     def __iter__(self):
         """Every available chain, until the ring is empty."""
@@ -276,10 +287,56 @@ class Virtqueue:
     # ---- the used side ------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver, ``written`` bytes written into its buffers."""
+        for gpa, n in self._taken.pop(head, ()):  # what the device wrote into the chain, for dirty tracking
+            self._mark(gpa, n)
         slot = 4 + 8 * (self.used_idx % self.size)
         _USED_ELEM.pack_into(self._used, slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used16[1] = self.used_idx  # used.idx, after the element: x86 keeps stores in order
+        self._mark(self.device_addr, 4)
+        self._mark(self.device_addr + slot, 8)
+
+    def _mark(self, gpa: int, size: int) -> None:
+        """Record a device write to guest RAM for dirty-page tracking (a migration's pre-copy, a
+        fast reset): KVM sees only the guest's own writes. Marked after the bytes are written, so a
+        collect in between sends the page again later rather than missing the write."""
+        written = getattr(self.memory, "written", None)
+        if written is not None and size:
+            written.update(range(gpa >> 12, ((gpa + size - 1) >> 12) + 1))
+
+    # ---- state (snapshot, restore, migration) -------------------------------------------------
+    def save(self) -> dict:
+        """The queue's configuration and the device's position in its rings, as plain data."""
+        return {"size": self.size, "ready": self.ready, "desc": self.desc_addr, "driver": self.driver_addr,
+                "device": self.device_addr, "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "signalled": self._signalled, "event_idx": self.event_idx, "indirect": self.indirect,
+                "broken": self.broken}
+
+    def restore(self, state: dict) -> None:
+        """Put back what :meth:`save` gave (the rings are in the restored guest memory); raises
+        ValueError naming the field or the ring that cannot be used."""
+        from ..devices.base import field
+
+        self.reset()
+        what = f"queue {self.index}"
+        try:
+            size = field(state, "size", int, limit=self.max_size + 1)
+            addrs = [field(state, name, int, limit=1 << 64) for name in ("desc", "driver", "device")]
+            idx = [field(state, name, int, limit=1 << 16) for name in ("last_avail", "used_idx", "signalled")]
+            flags = [field(state, name, bool) for name in ("ready", "event_idx", "indirect")]
+            broken = field(state, "broken", (str, type(None)))
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        self.size = size
+        self.desc_addr, self.driver_addr, self.device_addr = addrs
+        if flags[0]:
+            try:
+                self.enable()
+            except VirtqueueError as e:
+                raise ValueError(f"{what}: saved as ready, but {e}") from None
+        self.event_idx, self.indirect = flags[1], flags[2]
+        self.last_avail, self.used_idx, self._signalled = idx
+        self.broken = broken
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last call

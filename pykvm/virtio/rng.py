@@ -38,3 +38,15 @@ class VirtioRng(VirtioDevice):
             written = chain.write(0, bytes(self.source(want))[:want]) if want else 0
             self.bytes_given += written
             queue.push(chain.head, written)
+
+    def recipe(self) -> dict | None:
+        """Only the host's own entropy (os.urandom) is data; another source is a function."""
+        return {"type": "rng"} if self.source is os.urandom else None
+
+    def save(self) -> dict:
+        return {"bytes_given": self.bytes_given}
+
+    def restore(self, state: dict) -> None:
+        from ..devices.base import field
+
+        self.bytes_given = field(state, "bytes_given", int)
