@@ -389,3 +389,61 @@ def test_a_notify_pending_at_the_save_is_served_and_a_restored_transport_serves_
         dest.close()
     finally:
         close_memory(memory)
+
+
+# ---- virtio-net: in a private network namespace, as tests/test_virtio_net.py runs it --------------------
+NET_RESTORE = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[3])
+    from test_virtio_net import bring_up
+    from pykvm.machine import Machine
+    with Machine.from_snapshot(sys.argv[1]) as m:  # opens the TAP by its name again
+        bring_up()
+        outcome = m.run(timeout=120)
+        json.dump({"status": outcome.status, "text": m.console_output.decode(), "recipe": m.recipe["platform"],
+                   "net": dict(m.virtio[0].device.stats)}, open(sys.argv[2], "w"))
+""")
+
+
+def _net_snapshot_and_restore(kernel_path: str, tmp: str):
+    from test_virtio_net import GUEST_IP, GUEST_MAC, HOST_IP, TAP, bring_up
+
+    from pykvm.virtio.net import VirtioNet
+
+    snap, result = os.path.join(tmp, "net.snap"), os.path.join(tmp, "net.json")
+    with Machine(MEM, irqchip=True) as m:
+        t = m.add_virtio(VirtioNet(TAP, mac=GUEST_MAC))
+        bring_up()
+        with open(kernel_path, "rb") as f:
+            m.load_kernel(f.read(), path=kernel_path, cmdline=f"{t.cmdline_arg} net={HOST_IP}/{GUEST_IP}")
+        def after(exit, vcpu):
+            if b"net: mac " in m.console_output:
+                m.pause()
+
+        m.after_exit = after
+        paused = isinstance(m.run(timeout=120), Paused)
+        m.snapshot(snap)
+        recipe = m.recipe["platform"]
+        here = m.console_output.decode()
+    # the source is gone, and its TAP with it: the restore makes it again
+    proc = subprocess.run([sys.executable, "-c", NET_RESTORE, snap, result, os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    with open(result) as f:
+        there = json.load(f)
+    return paused, recipe, here, there["status"], there["text"], there["recipe"], there["net"]
+
+
+def test_a_virtio_net_machine_snapshotted_after_probing_gets_its_arp_reply_after_the_restore(kernel, tmp_path):
+    import test_virtio_net
+
+    if test_virtio_net.NETNS_REASON is not None:
+        pytest.skip(test_virtio_net.NETNS_REASON)
+    paused, recipe, here, status, text, recipe_there, net = test_virtio_net.in_netns(
+        _net_snapshot_and_restore, kernel[0], str(tmp_path), timeout=240)
+    assert paused and "net: mac 52:54:00:12:34:56, link up" in here and "arp reply" not in here
+    assert recipe == recipe_there == [["virtio", {"type": "net", "tap": "pykvmtap0", "mac": "52:54:00:12:34:56"}]]
+    assert status == 0 and "FAIL" not in text, text
+    assert "net: arp reply from " in text and "virtio: all done\n" in text, text
+    assert net["tx frames"] >= 1 and net["rx frames"] >= 1, net
