@@ -67,8 +67,9 @@ class DirtyTracker:
     def _gather(self) -> None:
         pages = self._from_kvm()
         first, last = self.region.gpa >> PAGE_SHIFT, (self.region.end - 1) >> PAGE_SHIFT
+        # swapped, then copied in one C call (a device thread may still add to the old set)
         written, self.memory.written = self.memory.written, set()
-        pages.update(p - first for p in written if first <= p <= last)
+        pages.update(p - first for p in list(written) if first <= p <= last)
         self._mine |= pages
         for watch in self._watches:
             watch.pages |= pages
