@@ -490,9 +490,11 @@ def test_a_guest_that_ends_during_a_migration_ends_well_and_the_migration_fails_
     """The source's guest says DONE while the destination is still answering HELO: the run ends
     as the guest said, pykvm run waits for the migration in progress before it closes the machine
     (it copies from guest RAM), and pykvm migrate says nothing was moved."""
+    ended = threading.Event()
+
     def slow_hello(stream, seen):
         stream.receive_json("HELO")
-        time.sleep(1.5)  # the counter (200 rounds) ends meanwhile
+        ended.wait(120)  # until the counter (200 rounds) has ended, however slow the backend
         stream.send(b"OKAY")
         while True:
             seen["tags"].append(stream.receive()[0])
@@ -501,9 +503,17 @@ def test_a_guest_that_ends_during_a_migration_ends_well_and_the_migration_fails_
     control = str(tmp_path / "vm.sock")
     source = _pykvm("run", str(guest_image("counter")), "--mem", "32M", "--control", control, "--timeout", "60")
     _wait_socket(control, source)
-    asked = subprocess.run([*PYKVM, "migrate", "--control", control, address], capture_output=True, timeout=60)
-    out, err = source.communicate(timeout=60)
+    asking = _pykvm("migrate", "--control", control, address)
+    out = b""
+    while len(out) < len(_expected(200)):  # the run flushes its console when it ends
+        chunk = source.stdout.read(len(_expected(200)) - len(out))
+        assert chunk, source.stderr.read().decode()
+        out += chunk
+    ended.set()
+    rest, err = source.communicate(timeout=120)
     assert source.returncode == 0, err.decode()
-    assert out == _expected(200)
+    assert out + rest == _expected(200)
+    stdout, stderr = asking.communicate(timeout=120)
+    asked = subprocess.CompletedProcess(asking.args, asking.returncode, stdout, stderr)
     assert asked.returncode == 68, asked.stderr.decode()
     assert b"the guest's run ended before the stop-and-copy: nothing was moved; its run here has ended" in asked.stderr
