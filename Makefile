@@ -44,7 +44,7 @@ test: system-deps setup guests
 
 # make test-amd: the KVM tests on a real kvm_amd: Debian's 6.1 kernel under QEMU TCG (scripts/refhost;
 # as root it installs qemu-system-x86, busybox-static, linux-image-amd64 and fetches QEMU 10 from
-# bookworm-backports into ~/.cache/pykvm-refhost). One reference-host run, one pytest: about 9
+# bookworm-backports into ~/.cache/pykvm-refhost). One reference-host run, one pytest: about 20
 # minutes on 2 cores; at most AMD_BUDGET seconds (then it fails), each test at most 300 s. Then a
 # second boot with kvm_amd nested=0 checks the probe's verdict and the fix it prints, and a third
 # boots Debian's kernel under pykvm boot inside it (tests/test_boot_linux.py, the slow tests: the
