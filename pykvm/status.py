@@ -21,6 +21,8 @@ odd, 1-255            QEMU's ``isa-debug-exit``: the guest wrote ``value``; ``(v
 72                    the guest stopped unexpectedly: a triple fault, an exception vector it has no
                       handler for, an exit nobody handles (``--strict``), a device handler that raised
 74                    the guest ran past ``--timeout`` and was stopped
+76                    the guest moved away (live migration): it runs on at the destination, whose
+                      status is the guest's
 130                   interrupted (Ctrl-C), as shells count SIGINT
 ====================  ==========================================================================
 
@@ -39,6 +41,7 @@ HOST_FAILURE = 68
 GUEST_FAILED = 70
 GUEST_STOPPED = 72
 TIMEOUT = 74
+MIGRATED = 76
 INTERRUPTED = 130
 
 #: status -> what it means, for ``--help`` texts, the README table and the tests
@@ -50,6 +53,7 @@ MEANINGS = {
     GUEST_FAILED: "the guest said FAIL (or DONE with a status outside 0-63)",
     GUEST_STOPPED: "the guest stopped unexpectedly (triple fault, unhandled exception or exit)",
     TIMEOUT: "the guest ran past its timeout",
+    MIGRATED: "the guest moved to another pykvm (live migration); its outcome is the destination's",
     INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -58,6 +62,8 @@ def of_outcome(outcome) -> int:
     """The exit status of a run the guest ended (an :class:`~pykvm.outcome.Outcome`)."""
     if outcome.failure is not None:
         return GUEST_FAILED
+    if outcome.via == "migrated":  # not the guest's word: the destination's status is
+        return MIGRATED
     if outcome.via == "isa-debug-exit":
         return outcome.status & 0xFF  # (value << 1) | 1: always odd
     if 0 <= outcome.status <= DONE_MAX:

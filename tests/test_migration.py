@@ -419,7 +419,7 @@ def test_pykvm_migrate_moves_a_running_pykvm_run_to_pykvm_run_incoming(tmp_path)
     assert report["result"] == "migrated" and report["to"] == incoming and report["downtime"] > 0
     assert report["rounds"] and report["dirty"] == "bitmap"
     out, err = source.communicate(timeout=120)
-    assert source.returncode == 0, err.decode()
+    assert source.returncode == 76, err.decode()  # not a pass: the guest's outcome is the destination's
     assert b"pykvm: migrated to " + incoming.encode() in err
     dest_out, dest_err = dest.communicate(timeout=180)
     assert dest.returncode == 0, dest_err.decode()

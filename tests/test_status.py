@@ -14,7 +14,7 @@ from pykvm.machine import GuestError, GuestInterrupted, GuestTimeout, TripleFaul
 from pykvm.outcome import GuestFailure, Outcome
 
 OWN = (status.USAGE, status.UNAVAILABLE, status.HOST_FAILURE, status.GUEST_FAILED, status.GUEST_STOPPED,
-       status.TIMEOUT, status.INTERRUPTED)
+       status.TIMEOUT, status.MIGRATED, status.INTERRUPTED)
 
 
 def test_pykvm_s_own_statuses_are_even_distinct_and_above_what_done_gives():
