@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.images import ImageError, guest_image
+from pykvm.images import ImageError, guest_image, guests_dir
 from pykvm.probe.host import kvm_backend
 from pykvm.system import Kvm
 
@@ -34,6 +34,14 @@ def guest():
             pytest.fail(f"guest {name} is not built and cannot be built here ({e}); run `make guests`")
 
     return load
+
+
+@pytest.fixture(scope="session")
+def virtio_kernel() -> tuple[str, bytes]:
+    """(path, bytes) of the virtio test kernel (guests/virtio/, a multiboot ELF), built with make."""
+    subprocess.run(["make", "-s", "-C", str(guests_dir())], check=True)
+    path = guests_dir() / "build" / "virtio_driver.elf"
+    return str(path), path.read_bytes()
 
 
 @pytest.fixture(scope="session")

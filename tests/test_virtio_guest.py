@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from pykvm.images import guests_dir
 from pykvm.machine import Machine
 
 pytestmark = pytest.mark.kvm
@@ -42,13 +41,6 @@ HOSTILE = ["desc-outside-ram", "desc-loop", "oversized-len", "used-ring-outside"
 def pattern(sector: int) -> bytes:
     """What the kernel writes to a sector (guests/virtio/blk.c, blk_pattern)."""
     return bytes((sector * 37 + i * 3 + 0x5A) & 0xFF for i in range(SECTOR))
-
-
-@pytest.fixture(scope="module")
-def kernel() -> tuple[str, bytes]:
-    subprocess.run(["make", "-s", "-C", str(guests_dir())], check=True)
-    path = guests_dir() / "build" / "virtio_driver.elf"
-    return str(path), path.read_bytes()
 
 
 @pytest.fixture
@@ -69,10 +61,10 @@ class Run:
     exits: dict  # the machine's exit counts by route
 
 
-def boot(kernel, backends, words: str, *, timeout: float = 60, cmdline_args=None, during=None) -> Run:
+def boot(virtio_kernel, backends, words: str, *, timeout: float = 60, cmdline_args=None, during=None) -> Run:
     from pykvm.virtio.mmio import VirtioMmio  # noqa: F401  (the devices must exist: fail here if not)
 
-    path, data = kernel
+    path, data = virtio_kernel
     with Machine(MEM, irqchip=True) as m:
         transports = [m.add_virtio(b) for b in backends]
         args = cmdline_args or [t.cmdline_arg for t in transports]
@@ -120,11 +112,11 @@ def sector(image: bytes, s: int) -> bytes:
 
 
 # ---- virtio-blk -------------------------------------------------------------------------------------
-def test_blk_reads_writes_flushes_and_the_image_holds_exactly_what_was_written(kernel, disk):
+def test_blk_reads_writes_flushes_and_the_image_holds_exactly_what_was_written(virtio_kernel, disk):
     from pykvm.virtio.blk import VirtioBlk
 
     path, before = disk
-    run = boot(kernel, [VirtioBlk(path)], f"blk blk-read={FILLED_SECTOR}:{FILLED_BYTE:02x} blk-layout")
+    run = boot(virtio_kernel, [VirtioBlk(path)], f"blk blk-read={FILLED_SECTOR}:{FILLED_BYTE:02x} blk-layout")
     assert_done(run)
     text = run.text
     assert "virtio0: 0xd0000000 irq 5 magic 0x74726976 version 2 device 2 (blk)" in text
@@ -151,11 +143,11 @@ def test_blk_reads_writes_flushes_and_the_image_holds_exactly_what_was_written(k
     assert run.exits.get("virtio-blk 0xd0000000-0xd0000fff", 0) == stats["register exits"]
 
 
-def test_blk_without_event_idx_or_indirect_descriptors(kernel, disk):
+def test_blk_without_event_idx_or_indirect_descriptors(virtio_kernel, disk):
     from pykvm.virtio.blk import VirtioBlk
 
     path, before = disk
-    run = boot(kernel, [VirtioBlk(path)], "blk no-event-idx no-indirect")
+    run = boot(virtio_kernel, [VirtioBlk(path)], "blk no-event-idx no-indirect")
     assert_done(run)
     accepted = int(re.search(r"^blk: capacity \d+ sectors, features 0x[0-9a-f]+, accepted (0x[0-9a-f]+)$",
                              run.text, re.M).group(1), 16)
@@ -166,27 +158,27 @@ def test_blk_without_event_idx_or_indirect_descriptors(kernel, disk):
     assert_notifies_stayed_in_the_kernel(run.stats[0])
 
 
-def test_blk_read_only_refuses_writes(kernel, disk):
+def test_blk_read_only_refuses_writes(virtio_kernel, disk):
     from pykvm.virtio.blk import VirtioBlk
 
     path, before = disk
-    run = boot(kernel, [VirtioBlk(path, readonly=True)], f"blk-ro blk-read={FILLED_SECTOR}:{FILLED_BYTE:02x}")
+    run = boot(virtio_kernel, [VirtioBlk(path, readonly=True)], f"blk-ro blk-read={FILLED_SECTOR}:{FILLED_BYTE:02x}")
     assert_done(run)
     assert "blk: write refused (read-only)\n" in run.text and f"blk: sector {FILLED_SECTOR} reads 0x7e\n" in run.text
     assert path.read_bytes() == before
 
 
-def test_blk_flush_survives_a_kill_right_after_it_is_acknowledged(kernel, disk):
+def test_blk_flush_survives_a_kill_right_after_it_is_acknowledged(virtio_kernel, disk):
     """The kernel stops after "blk: flush ok"; pykvm is killed then: what was written is in the file."""
     path, before = disk
     script = (
         "import sys\n"
         "from pykvm.machine import Machine\n"
         "from pykvm.virtio.blk import VirtioBlk\n"
-        f"data = open({kernel[0]!r}, 'rb').read()\n"
+        f"data = open({virtio_kernel[0]!r}, 'rb').read()\n"
         "with Machine(32 << 20, irqchip=True, console=sys.stdout.buffer) as m:\n"
         f"    t = m.add_virtio(VirtioBlk({str(path)!r}))\n"
-        f"    m.load_kernel(data, path={kernel[0]!r}, cmdline=t.cmdline_arg + ' blk blk-hang-after-flush')\n"
+        f"    m.load_kernel(data, path={virtio_kernel[0]!r}, cmdline=t.cmdline_arg + ' blk blk-hang-after-flush')\n"
         "    m.run(timeout=120)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -208,18 +200,18 @@ def test_blk_flush_survives_a_kill_right_after_it_is_acknowledged(kernel, disk):
 
 
 # ---- virtio-console -----------------------------------------------------------------------------
-def test_console_prints_through_transmitq(kernel):
+def test_console_prints_through_transmitq(virtio_kernel):
     from pykvm.virtio.console import VirtioConsole
 
     console = VirtioConsole()
-    run = boot(kernel, [console], "console")
+    run = boot(virtio_kernel, [console], "console")
     assert_done(run)
     assert "device 3 (console)" in run.text and "console: wrote 2 lines\n" in run.text
     assert console.captured == b"hello from virtio-console\nvirtio-console: two descriptors\n"
     assert_notifies_stayed_in_the_kernel(run.stats[0])
 
 
-def test_console_reads_a_line_from_receiveq(kernel):
+def test_console_reads_a_line_from_receiveq(virtio_kernel):
     from pykvm.virtio.console import VirtioConsole
 
     console = VirtioConsole()
@@ -230,7 +222,7 @@ def test_console_reads_a_line_from_receiveq(kernel):
                 return
         console.feed(b"ping pykvm\n")
 
-    run = boot(kernel, [console], "console-read", during=type_a_line)
+    run = boot(virtio_kernel, [console], "console-read", during=type_a_line)
     assert_done(run)
     assert "console: got 'ping pykvm'\n" in run.text
     assert console.captured.endswith(b"echo: ping pykvm\n")
@@ -239,7 +231,7 @@ def test_console_reads_a_line_from_receiveq(kernel):
 
 # ---- virtio-rng -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [None, 7], ids=["all-at-once", "7-bytes-a-request"])
-def test_rng_reads_64_bytes(kernel, chunk):
+def test_rng_reads_64_bytes(virtio_kernel, chunk):
     from pykvm.virtio.rng import VirtioRng
 
     stream = bytes((i * 13 + 1) & 0xFF for i in range(64))
@@ -251,7 +243,7 @@ def test_rng_reads_64_bytes(kernel, chunk):
         del given[:n]
         return out
 
-    run = boot(kernel, [VirtioRng(source)], "rng")
+    run = boot(virtio_kernel, [VirtioRng(source)], "rng")
     assert_done(run)
     m = re.search(r"^rng: 64 bytes 0x([0-9a-f]{128}) in (\d+) requests$", run.text, re.M)
     assert m, run.text
@@ -260,14 +252,14 @@ def test_rng_reads_64_bytes(kernel, chunk):
     assert_notifies_stayed_in_the_kernel(run.stats[0])
 
 
-def test_all_devices_in_one_boot_with_the_0x1000_size_syntax(kernel, disk):
+def test_all_devices_in_one_boot_with_the_0x1000_size_syntax(virtio_kernel, disk):
     from pykvm.virtio.blk import VirtioBlk
     from pykvm.virtio.console import VirtioConsole
     from pykvm.virtio.rng import VirtioRng
 
     path, _ = disk
     args = [f"virtio_mmio.device=0x1000@{0xD0000000 + i * 0x1000:#x}:{irq}" for i, irq in enumerate((5, 6, 7))]
-    run = boot(kernel, [VirtioBlk(path), VirtioConsole(), VirtioRng()], "blk console rng", cmdline_args=args)
+    run = boot(virtio_kernel, [VirtioBlk(path), VirtioConsole(), VirtioRng()], "blk console rng", cmdline_args=args)
     assert_done(run)
     for i, (kind, irq) in enumerate((("2 (blk)", 5), ("3 (console)", 6), ("4 (rng)", 7))):
         assert f"virtio{i}: {0xD0000000 + i * 0x1000:#x} irq {irq} magic 0x74726976 version 2 device {kind}" in run.text
@@ -278,11 +270,11 @@ def test_all_devices_in_one_boot_with_the_0x1000_size_syntax(kernel, disk):
 
 # ---- the hostile driver ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_driver(kernel, disk, name):
+def test_hostile_driver(virtio_kernel, disk, name):
     from pykvm.virtio.blk import VirtioBlk
 
     path, before = disk
-    run = boot(kernel, [VirtioBlk(path)], f"hostile={name}")
+    run = boot(virtio_kernel, [VirtioBlk(path)], f"hostile={name}")
     assert_done(run)  # the kernel FAILs if the device wrote where it was not offered
     assert re.search(rf"^hostile {name}: device answered \S", run.text, re.M), run.text
     assert f"hostile {name}: device works after a reset\n" in run.text
@@ -299,7 +291,7 @@ def test_hostile_driver(kernel, disk, name):
 
 
 @pytest.mark.parametrize("kind", ["blk", "rng", "console"])
-def test_random_descriptor_tables(kernel, disk, kind):
+def test_random_descriptor_tables(virtio_kernel, disk, kind):
     from pykvm.virtio.blk import VirtioBlk
     from pykvm.virtio.console import VirtioConsole
     from pykvm.virtio.rng import VirtioRng
@@ -307,7 +299,7 @@ def test_random_descriptor_tables(kernel, disk, kind):
     path, before = disk
     backend = {"blk": lambda: VirtioBlk(path), "rng": VirtioRng, "console": VirtioConsole}[kind]()
     started = time.monotonic()
-    run = boot(kernel, [backend], f"hostile=random hostile-on={kind} rounds=20 seed=7", timeout=120)
+    run = boot(virtio_kernel, [backend], f"hostile=random hostile-on={kind} rounds=20 seed=7", timeout=120)
     assert_done(run)
     assert re.search(rf"^hostile random: device answered 20 rounds on {kind}: ", run.text, re.M), run.text
     assert "hostile random: device works after a reset\n" in run.text

@@ -25,7 +25,6 @@ import time
 import pytest
 
 from pykvm import exits
-from pykvm.images import guests_dir
 from pykvm.machine import Machine, Paused
 from pykvm.snapshot import SnapshotError
 
@@ -55,13 +54,6 @@ def soak_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("soak: round ")]
 
 
-@pytest.fixture(scope="module")
-def kernel() -> tuple[str, bytes]:
-    subprocess.run(["make", "-s", "-C", str(guests_dir())], check=True)
-    path = guests_dir() / "build" / "virtio_driver.elf"
-    return str(path), path.read_bytes()
-
-
 @pytest.fixture
 def disk(tmp_path):
     """A 64-sector image of random bytes; returns (path, its bytes)."""
@@ -71,11 +63,11 @@ def disk(tmp_path):
     return path, image
 
 
-def soak_machine(kernel, image, words: str = f"soak={ROUNDS}", console: bool = True) -> Machine:
+def soak_machine(virtio_kernel, image, words: str = f"soak={ROUNDS}", console: bool = True) -> Machine:
     from pykvm.virtio.blk import VirtioBlk
     from pykvm.virtio.console import VirtioConsole
 
-    path, data = kernel
+    path, data = virtio_kernel
     m = Machine(MEM, irqchip=True)
     try:
         transports = [m.add_virtio(VirtioBlk(image))]
@@ -91,12 +83,12 @@ def soak_machine(kernel, image, words: str = f"soak={ROUNDS}", console: bool = T
 _reference: dict = {}
 
 
-def reference(kernel, tmp_path, before: bytes) -> dict:
+def reference(virtio_kernel, tmp_path, before: bytes) -> dict:
     """An uninterrupted run on a copy of the disk: its debug console text, virtio-console output
     and the image it leaves."""
     image = tmp_path / "reference.img"
     image.write_bytes(before)
-    with soak_machine(kernel, image) as m:
+    with soak_machine(virtio_kernel, image) as m:
         outcome = m.run(timeout=120)
         text = m.console_output.decode()
         console = m.virtio[1].device.captured
@@ -167,11 +159,11 @@ PAUSES = {
 
 
 @pytest.mark.parametrize("where", list(PAUSES))
-def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(kernel, disk, tmp_path, where):
+def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(virtio_kernel, disk, tmp_path, where):
     path, before = disk
-    ref = reference(kernel, tmp_path, before)
+    ref = reference(virtio_kernel, tmp_path, before)
     snap, at_snapshot = tmp_path / "soak.snap", tmp_path / "at-snapshot.img"
-    with soak_machine(kernel, path) as m:
+    with soak_machine(virtio_kernel, path) as m:
         PAUSES[where](m)
         assert isinstance(m.run(timeout=120), Paused)
         m.after_exit = None
@@ -204,10 +196,10 @@ def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(ker
     assert blk_notifies > 0 and there["stats"][0].get("notifies (trapped)", 0) == 0
 
 
-def test_a_disk_image_of_another_size_is_refused_with_the_reason(kernel, disk, tmp_path):
+def test_a_disk_image_of_another_size_is_refused_with_the_reason(virtio_kernel, disk, tmp_path):
     path, before = disk
     snap = tmp_path / "soak.snap"
-    with soak_machine(kernel, path) as m:
+    with soak_machine(virtio_kernel, path) as m:
         pause_after_line(m, b"soak: round 3 sector 11 ok\n")
         assert isinstance(m.run(timeout=120), Paused)
         m.snapshot(snap)
@@ -221,7 +213,7 @@ def test_a_disk_image_of_another_size_is_refused_with_the_reason(kernel, disk, t
         Machine.from_snapshot(snap)
 
 
-def test_backends_that_are_not_data_keep_the_machine_from_being_snapshotted(kernel, tmp_path):
+def test_backends_that_are_not_data_keep_the_machine_from_being_snapshotted(virtio_kernel, tmp_path):
     from pykvm.virtio.console import VirtioConsole
     from pykvm.virtio.rng import VirtioRng
 
@@ -243,7 +235,7 @@ def test_backends_that_are_not_data_keep_the_machine_from_being_snapshotted(kern
     assert not (tmp_path / "x.snap").exists()
 
 
-def test_an_idle_machine_with_every_describable_backend_round_trips_its_recipe(kernel, disk, tmp_path):
+def test_an_idle_machine_with_every_describable_backend_round_trips_its_recipe(virtio_kernel, disk, tmp_path):
     """blk, console and rng, never started: the restored machine has the same parts in the same
     slots, and saves the same transport state again."""
     from pykvm import snapshot
@@ -282,21 +274,21 @@ DEST = textwrap.dedent("""
 """)
 
 
-def test_a_soaking_guest_migrates_mid_run_and_goes_on_to_the_same_end(kernel, disk, tmp_path):
+def test_a_soaking_guest_migrates_mid_run_and_goes_on_to_the_same_end(virtio_kernel, disk, tmp_path):
     """Live migration to another process on the same host: the destination opens the same image
     (the guest's writes so far are in it), the dirty pages the virtio worker wrote (used rings, the
     read-back buffers) go with the guest's own, and the rounds go on with nothing lost."""
     from pykvm.migration import migrate
 
     path, before = disk
-    ref = reference(kernel, tmp_path, before)
+    ref = reference(virtio_kernel, tmp_path, before)
     result = tmp_path / "dest.json"
     dest = subprocess.Popen([sys.executable, "-c", DEST, f"unix:{tmp_path}/dest.sock", str(result)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         address = dest.stdout.readline().decode().strip()
         assert address.startswith("unix:"), dest.stderr.read().decode()
-        with soak_machine(kernel, path, words=f"soak={ROUNDS * 2}") as m:
+        with soak_machine(virtio_kernel, path, words=f"soak={ROUNDS * 2}") as m:
             m.after_exit = lambda exit, vcpu: m.sleep(0.002)  # slowed, so that the move falls mid-run
             box: dict = {}
             thread = threading.Thread(target=lambda: box.setdefault("outcome", m.run(timeout=180)))
@@ -435,13 +427,13 @@ def _net_snapshot_and_restore(kernel_path: str, tmp: str):
     return paused, recipe, here, there["status"], there["text"], there["recipe"], there["net"]
 
 
-def test_a_virtio_net_machine_snapshotted_after_probing_gets_its_arp_reply_after_the_restore(kernel, tmp_path):
+def test_a_virtio_net_machine_snapshotted_after_probing_gets_its_arp_reply_after_the_restore(virtio_kernel, tmp_path):
     import test_virtio_net
 
     if test_virtio_net.NETNS_REASON is not None:
         pytest.skip(test_virtio_net.NETNS_REASON)
     paused, recipe, here, status, text, recipe_there, net = test_virtio_net.in_netns(
-        _net_snapshot_and_restore, kernel[0], str(tmp_path), timeout=240)
+        _net_snapshot_and_restore, virtio_kernel[0], str(tmp_path), timeout=240)
     assert paused and "net: mac 52:54:00:12:34:56, link up" in here and "arp reply" not in here
     assert recipe == recipe_there == [["virtio", {"type": "net", "tap": "pykvmtap0", "mac": "52:54:00:12:34:56"}]]
     assert status == 0 and "FAIL" not in text, text
