@@ -1,23 +1,42 @@
-/* dirty_rate.S - dirty guest memory for ever, a batch at a time, for the host to pace.
+/* dirty_rate.S - dirty guest memory until told to stop, a batch at a time, for the host to pace.
  * Mode: 64-bit long mode    Load: flat at GPA 0x100000, entry = first byte
  * Entry: RCX = pages a batch (1 or more), R8 = pages in the region (1 or more), which starts at
- * DIRTY_BASE and must lie in guest RAM. Batch b writes the quadword b << 32 | page into the next
- * RCX pages of the region (round robin), then outs b (32-bit) to PYKVM_BENCH_PORT: the host's
- * handler paces the guest there (sleeping to a dirtying rate) and ends the run when it wants.
- * scripts/bench_migrate.py's guest: migration downtime against the rate pages are dirtied at.
- * Exits: IoOut(port=0x700, size 4) after each batch, for ever */
+ * DIRTY_BASE and must lie in guest RAM; RDX = 0 to run at CPL0, else at CPL3 (iretq first, with
+ * IOPL 3 for its port writes: kvm_pvm runs CPL3 code natively, CPL0 code in KVM's emulator).
+ * Batch b writes the quadword b << 32 | page into the next RCX pages of the region (round robin),
+ * then outs b (32-bit) to PYKVM_BENCH_PORT: the host's handler paces the guest there (sleeping to
+ * a dirtying rate) and may end the run. Before each batch the guest reads the quadword at
+ * DIRTY_STOP (the last one below the region): when the host has made it non-zero, DONE(0).
+ * scripts/bench_migrate.py's guest (migration downtime against the rate pages are dirtied at),
+ * and tests/test_migration.py's guest that dirties memory at CPL3 while it is moved.
+ * Exits: IoOut(port=0x700, size 4) after each batch, until DONE(0) (IoOut port=0xEA) */
 #include "pykvm.h"
 
 #define DIRTY_BASE	0x200000
+#define DIRTY_STOP	(DIRTY_BASE - 8)
+#define USER_STACK	(PYKVM_STACK_TOP - 0x8000)
+#define USER_RFLAGS	0x3002		/* IOPL = 3, reserved bit 1; IF = 0 */
 
 	.code64
 	.section .text.entry, "ax"
 	.globl	_start
 _start:
+	testq	%rdx, %rdx
+	jz	start
+	/* iretq frame, pushed bottom up: SS, RSP, RFLAGS, CS, RIP; the other registers survive it */
+	pushq	$(PYKVM_SEL_USER_DATA | 3)
+	pushq	$USER_STACK
+	pushq	$USER_RFLAGS
+	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
+	pushq	$start
+	iretq
+start:
 	movq	%rcx, %r9		/* pages a batch */
 	xorl	%r10d, %r10d		/* batch number */
 	xorl	%r11d, %r11d		/* the next page of the region */
 batch:
+	cmpq	$0, DIRTY_STOP
+	jne	stop
 	incq	%r10
 	movq	%r9, %rcx
 page:
@@ -38,3 +57,5 @@ page:
 	movw	$PYKVM_BENCH_PORT, %dx
 	outl	%eax, %dx
 	jmp	batch
+stop:
+	PYKVM_DONE 0

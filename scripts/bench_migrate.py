@@ -5,7 +5,8 @@ memory, each against references run in the same command.
 The guest (guests/dirty_rate.S) writes one quadword into each page of a region (--region, from
 2 MiB up) batch by batch (--batch pages), round robin; after each batch its OUT to BENCH_PORT
 is answered by a handler that sleeps the guest to the asked dirtying rate (--rates, pages a
-second; "max": no pacing, as fast as this backend runs the loop). For each rate the machine is
+second; "max": no pacing, as fast as this backend runs the loop; a rate ending in "-cpl3", such
+as "max-cpl3", runs the guest's loop at CPL3, which kvm_pvm runs natively, not in KVM's emulator). For each rate the machine is
 migrated live (pykvm.migration.migrate, --downtime budget) to a destination in another process,
 over a UNIX socket, and the figures are: pre-copy rounds, pages and MiB sent, total time, the
 downtime (from the request to stop the vCPUs until the destination said it runs), whether the
@@ -101,11 +102,12 @@ class Pacer:
         return self.batches * self.batch / elapsed if elapsed > 0 else 0.0
 
 
-def _machine(image: bytes, mem: int, region: int, batch: int, rate: float | None, dirty: str | None):
+def _machine(image: bytes, mem: int, region: int, batch: int, rate: float | None, dirty: str | None,
+             cpl3: bool = False):
     m = Machine(mem, dirty=dirty)
     m.load_flat(image, "long")
     regs = m.vcpu.get_regs()
-    regs.rcx, regs.r8 = batch, region
+    regs.rcx, regs.r8, regs.rdx = batch, region, int(cpl3)
     m.vcpu.set_regs(regs)
     pacer = Pacer(m, batch, rate)
     m.on_port(layout.BENCH_PORT, pacer, count=4, name="bench pacer")
@@ -127,8 +129,8 @@ def _took(proc: subprocess.Popen) -> None:
         raise RuntimeError(f"the destination: {line or 'gone'}")
 
 
-def bench_live(image: bytes, args, rate: float | None, proc, address: str) -> dict:
-    m, pacer = _machine(image, args.mem, args.region, args.batch, rate, args.dirty)
+def bench_live(image: bytes, args, rate: float | None, cpl3: bool, proc, address: str) -> dict:
+    m, pacer = _machine(image, args.mem, args.region, args.batch, rate, args.dirty, cpl3)
     with m:
         box: dict = {}
         thread = threading.Thread(target=lambda: box.update(outcome=m.run(timeout=300)))
@@ -142,7 +144,7 @@ def bench_live(image: bytes, args, rate: float | None, proc, address: str) -> di
             thread.join()
         dirty_rate = pacer.measured_rate()
         _took(proc)
-    return {"rate": rate, "measured_pages_per_s": dirty_rate, **_row(report)}
+    return {"rate": rate, "cpl": 3 if cpl3 else 0, "measured_pages_per_s": dirty_rate, **_row(report)}
 
 
 def _row(report) -> dict:
@@ -213,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="pages the guest dirties round robin, from 2 MiB up (default %(default)s: 32 MiB)")
     p.add_argument("--batch", type=argtypes.number(int, minimum=1, what="a page count"), default=16,
                    help="pages a batch between two pacing exits (default %(default)s)")
-    p.add_argument("--rates", default="0,1000,10000,50000,200000,max",
-                   help="dirtying rates in pages a second, 'max' unpaced (default %(default)s)")
+    p.add_argument("--rates", default="0,1000,10000,50000,200000,max,max-cpl3",
+                   help="dirtying rates in pages a second, 'max' unpaced; '-cpl3' after one: the loop at CPL3 "
+                        "(default %(default)s)")
     p.add_argument("--downtime", type=argtypes.number(float, minimum=0.1, what="milliseconds"), default=10.0,
                    help="the downtime budget in ms (default %(default)s)")
     p.add_argument("--max-rounds", type=argtypes.number(int, minimum=1, what="a count"), default=30,
@@ -227,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = p.parse_args(argv)
     try:
-        rates = [None if r.strip() == "max" else float(r) for r in args.rates.split(",")]
+        rates = [_rate(r) for r in args.rates.split(",")]
     except ValueError:
-        p.error(f"--rates: numbers or 'max', not {args.rates!r}")
+        p.error(f"--rates: numbers or 'max', each maybe ending in -cpl3, not {args.rates!r}")
     if REGION_BASE + args.region * PAGE > args.mem:
         p.error(f"--region {args.region} pages from 2 MiB do not fit in --mem {args.mem // MIB} MiB")
     try:
@@ -248,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 refs = [bench_stop_and_copy(image, args, proc, address) for _ in range(args.repeat)]
                 doc["stop_and_copy"] = _median_row(refs)
                 doc["transport"] = bench_transport(int(doc["stop_and_copy"]["mib"] * MIB), tmp)
-                for rate in rates:
-                    rows = [bench_live(image, args, rate, proc, address)
+                for rate, cpl3 in rates:
+                    rows = [bench_live(image, args, rate, cpl3, proc, address)
                             for _ in range(args.repeat)]
                     row = _median_row(rows)
                     row["downtime_vs_stop_and_copy"] = row["downtime_ms"] / max(doc["stop_and_copy"]["downtime_ms"], 1e-9)
@@ -265,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _print(doc)
     return 0
+
+
+def _rate(token: str) -> tuple[float | None, bool]:
+    """--rates' item: (pages a second or None for unpaced, whether the loop runs at CPL3)."""
+    token = token.strip()
+    cpl3 = token.endswith("-cpl3")
+    token = token.removesuffix("-cpl3")
+    return (None if token == "max" else float(token)), cpl3
 
 
 def _median_row(rows: list[dict]) -> dict:
@@ -284,11 +295,11 @@ def _print(doc: dict) -> None:
     ref, floor = doc["stop_and_copy"], doc["transport"]
     t = Table(title=f"Live migration of a {doc['mem'] // MIB} MiB guest dirtying {doc['region_pages']} pages round "
                     f"robin (downtime budget {doc['downtime_budget_ms']:g} ms; medians)")
-    for col in ("asked pages/s", "measured pages/s", "rounds", "MiB sent", "total ms", "downtime ms", "last set",
+    for col in ("asked pages/s", "CPL", "measured pages/s", "rounds", "MiB sent", "total ms", "downtime ms", "last set",
                 "fit budget", "downtime / stop-and-copy"):
         t.add_column(col, justify="right")
     for r in doc["live"]:
-        t.add_row("idle" if r["rate"] == 0 else "max" if r["rate"] is None else f"{r['rate']:.0f}",
+        t.add_row("idle" if r["rate"] == 0 else "max" if r["rate"] is None else f"{r['rate']:.0f}", str(r["cpl"]),
                   f"{r['measured_pages_per_s']:.0f}", str(r["rounds"]), f"{r['mib']:.1f}", f"{r['total_ms_median']:.0f}",
                   f"{r['downtime_ms']:.1f}", str(r["final_pages"]), f"{r['converged_runs']}/{r['runs']}",
                   f"{r['downtime_vs_stop_and_copy']:.3f}")
