@@ -196,6 +196,59 @@ def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(vir
     assert blk_notifies > 0 and there["stats"][0].get("notifies (trapped)", 0) == 0
 
 
+def test_a_snapshot_waits_for_the_request_the_worker_holds_and_both_copies_go_on_to_the_same_end(
+        virtio_kernel, disk, tmp_path):
+    """The disk's worker is held inside a write (its pwritev, the 60th) when the vCPUs are paused:
+    the run returns with that request still in the worker's hands, the snapshot waits for it
+    (VirtioMmio.quiesce) and holds its completion, and the source and a restore elsewhere both go
+    on to the uninterrupted run's end, each request reaching the disk once."""
+    path, before = disk
+    ref = reference(virtio_kernel, tmp_path, before)
+    snap, at_snapshot = tmp_path / "soak.snap", tmp_path / "at-snapshot.img"
+    held, release = threading.Event(), threading.Event()
+    with soak_machine(virtio_kernel, path) as m:
+        blk = m.virtio[0].device
+        real_write, writes, holder = blk._write, [0], []
+
+        def write(*args):
+            writes[0] += 1
+            if writes[0] == 60:
+                holder.append(threading.current_thread().name)
+                held.set()
+                assert release.wait(60)
+            return real_write(*args)
+
+        blk._write = write  # an instance attribute: the recipe and the saved state stay VirtioBlk's
+        box: dict = {}
+        runner = threading.Thread(target=lambda: box.update(outcome=m.run(timeout=120)))
+        runner.start()
+        assert held.wait(60), "the guest never made 60 writes"
+        m.pause()
+        runner.join(30)
+        assert not runner.is_alive() and isinstance(box["outcome"], Paused)  # vCPUs stopped, the write held
+        assert holder == [f"virtio-blk@{m.virtio[0].gpa:#x}"] and not release.is_set()  # the worker thread
+        saving = threading.Thread(target=lambda: box.update(saved=m.snapshot(snap)))
+        saving.start()
+        saving.join(0.5)
+        assert saving.is_alive() and "saved" not in box  # it waits for the request in hand
+        release.set()
+        saving.join(60)
+        assert "saved" in box
+        shutil.copyfile(path, at_snapshot)  # that write is on the disk now, and its completion in the snapshot
+        source_text = m.console_output.decode()
+        assert 0 < len(soak_lines(source_text)) < ROUNDS - 20, source_text
+        outcome = m.run(timeout=120)
+        assert outcome.status == 0 and outcome.failure is None, m.console_output.decode()
+        assert soak_lines(m.console_output.decode()) == soak_lines(ref["text"])
+    assert path.read_bytes() == ref["image"]
+
+    shutil.copyfile(at_snapshot, path)
+    there = restore_elsewhere(snap, tmp_path / "result.json")
+    assert there["status"] == 0 and there["failure"] is None, there["text"]
+    assert "FAIL" not in there["text"] and soak_lines(source_text) + soak_lines(there["text"]) == soak_lines(ref["text"])
+    assert path.read_bytes() == ref["image"]
+
+
 def test_a_disk_image_of_another_size_is_refused_with_the_reason(virtio_kernel, disk, tmp_path):
     path, before = disk
     snap = tmp_path / "soak.snap"
