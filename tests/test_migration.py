@@ -24,6 +24,7 @@ from pykvm.ioctl import KvmUnsupportedError
 from pykvm.machine import Machine, Paused
 from pykvm.migration import Incoming, MigrationError, migrate
 from pykvm.outcome import Outcome
+from pykvm.x86 import layout
 
 pytestmark = pytest.mark.kvm
 
@@ -72,12 +73,13 @@ DEST = textwrap.dedent("""
     with m:
         arrived = hashlib.sha256(m.ram._map[:]).hexdigest()
         if len(sys.argv) > 4:  # guests/dirty_rate.S: its pacing port answered, and told to stop at once
-            m.on_port(0x700, lambda exit, vcpu: None, count=4, name="pacer")
+            from pykvm.x86.layout import BENCH_PORT
+            m.on_port(BENCH_PORT, lambda exit, vcpu: None, count=4, name="pacer")
             m.memory.write_u64(int(sys.argv[4]), 1)
         outcome = m.run(timeout=120)
         json.dump({"info": info, "status": outcome.status, "console": m.console_output.decode(),
                    "ram": hashlib.sha256(m.ram._map[:]).hexdigest(), "arrived": arrived,
-                   "rip": m.vcpu.get_regs().rip, "r10": m.vcpu.get_regs().r10}, open(sys.argv[2], "w"))
+                   "r10": m.vcpu.get_regs().r10}, open(sys.argv[2], "w"))
 """)
 
 
@@ -226,7 +228,7 @@ def test_a_guest_dirtying_at_cpl3_with_no_pacing_moves_with_its_memory_intact(tm
         regs.rcx, regs.r8, regs.rdx = batch, region, 1
         m.vcpu.set_regs(regs)
         batches = []
-        m.on_port(0x700, lambda exit, vcpu: batches.append(exit.value), count=4, name="pacer")
+        m.on_port(layout.BENCH_PORT, lambda exit, vcpu: batches.append(exit.value), count=4, name="pacer")
         dest = _Destination(tmp_path, stop_flag=DIRTY_STOP)
         thread, box = _run_in_thread(m)
         deadline = time.monotonic() + 60
