@@ -44,10 +44,10 @@ test: system-deps setup guests
 
 # make test-amd: the KVM tests on a real kvm_amd: Debian's 6.1 kernel under QEMU TCG (scripts/refhost;
 # as root it installs qemu-system-x86, busybox-static, linux-image-amd64 and fetches QEMU 10 from
-# bookworm-backports into ~/.cache/pykvm-refhost). One reference-host run, one pytest: about 20
-# minutes on 2 cores; at most AMD_BUDGET seconds (then it fails), each test at most 300 s. Then a
-# second boot with kvm_amd nested=0 checks the probe's verdict and the fix it prints, and a third
-# boots Debian's kernel under pykvm boot inside it (tests/test_boot_linux.py, the slow tests: the
+# bookworm-backports into ~/.cache/pykvm-refhost). One reference-host run, one pytest: about 21
+# minutes on 2 cores (the whole tier about 25); at most AMD_BUDGET seconds (then it fails), each
+# test at most 300 s. Then a second boot with kvm_amd nested=0 checks the probe's verdict and the
+# fix it prints, and a third boots Debian's kernel under pykvm boot inside it (tests/test_boot_linux.py, the slow tests: the
 # full boot to power-off, a marker written through virtio-blk and read back by a second boot),
 # at most AMD_LINUX_BUDGET seconds. A reference host whose own kernel panics (seen once in CI:
 # Debian's 6.1 under QEMU 10.0 TCG, a stack overflow in its entry code while an L2 Linux ran) is
