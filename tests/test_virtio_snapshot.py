@@ -158,27 +158,26 @@ PAUSES = {
 }
 
 
-@pytest.mark.parametrize("where", list(PAUSES))
-def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(virtio_kernel, disk, tmp_path, where):
-    path, before = disk
-    ref = reference(virtio_kernel, tmp_path, before)
-    snap, at_snapshot = tmp_path / "soak.snap", tmp_path / "at-snapshot.img"
-    with soak_machine(virtio_kernel, path) as m:
-        PAUSES[where](m)
-        assert isinstance(m.run(timeout=120), Paused)
-        m.after_exit = None
-        m.snapshot(snap)
-        shutil.copyfile(path, at_snapshot)  # the disk as the snapshot's guest left it
-        source_text, source_console = m.console_output.decode(), m.virtio[1].device.captured
-        done = len(soak_lines(source_text))
-        assert 0 < done < ROUNDS - 20, source_text  # mid-way
-        # the source goes on too (its parked workers wake when the vCPUs run) to the same end
-        outcome = m.run(timeout=120)
-        assert outcome.status == 0 and outcome.failure is None, m.console_output.decode()
-        assert soak_lines(m.console_output.decode()) == soak_lines(ref["text"])
-        assert m.virtio[1].device.captured == ref["console"]
-    assert path.read_bytes() == ref["image"]
+def source_goes_on(m: Machine, path, at_snapshot, ref: dict) -> tuple[str, bytes]:
+    """Right after ``m.snapshot()``: the disk is copied to ``at_snapshot`` as the snapshot's guest
+    left it, then the source goes on too (its parked workers wake when the vCPUs run) to the
+    uninterrupted run's end. Returns the debug console text and the virtio-console output at the
+    snapshot."""
+    shutil.copyfile(path, at_snapshot)
+    source_text, source_console = m.console_output.decode(), m.virtio[1].device.captured
+    done = len(soak_lines(source_text))
+    assert 0 < done < ROUNDS - 20, source_text  # mid-way
+    outcome = m.run(timeout=120)
+    assert outcome.status == 0 and outcome.failure is None, m.console_output.decode()
+    assert soak_lines(m.console_output.decode()) == soak_lines(ref["text"])
+    assert m.virtio[1].device.captured == ref["console"]
+    return source_text, source_console
 
+
+def restored_goes_on(snap, path, at_snapshot, ref: dict, source_text: str, source_console: bytes, tmp_path) -> None:
+    """With the source's machine closed: its disk is the uninterrupted run's; then the snapshot,
+    restored in another process on the disk as it was at the snapshot, goes on to the same end."""
+    assert path.read_bytes() == ref["image"]
     shutil.copyfile(at_snapshot, path)  # the restore opens the same path: the image as it was at the snapshot
     there = restore_elsewhere(snap, tmp_path / "result.json")
     assert there["status"] == 0 and there["failure"] is None, there["text"]
@@ -194,6 +193,20 @@ def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(vir
     assert [p[0] for p in there["recipe"]] == ["virtio", "virtio"]
     blk_notifies = there["stats"][0].get("notifies (ioeventfd)", 0)
     assert blk_notifies > 0 and there["stats"][0].get("notifies (trapped)", 0) == 0
+
+
+@pytest.mark.parametrize("where", list(PAUSES))
+def test_a_soaking_guest_restored_in_another_process_goes_on_to_the_same_end(virtio_kernel, disk, tmp_path, where):
+    path, before = disk
+    ref = reference(virtio_kernel, tmp_path, before)
+    snap, at_snapshot = tmp_path / "soak.snap", tmp_path / "at-snapshot.img"
+    with soak_machine(virtio_kernel, path) as m:
+        PAUSES[where](m)
+        assert isinstance(m.run(timeout=120), Paused)
+        m.after_exit = None
+        m.snapshot(snap)
+        at_the_snapshot = source_goes_on(m, path, at_snapshot, ref)
+    restored_goes_on(snap, path, at_snapshot, ref, *at_the_snapshot, tmp_path)
 
 
 def test_a_snapshot_waits_for_the_request_the_worker_holds_and_both_copies_go_on_to_the_same_end(
@@ -234,19 +247,8 @@ def test_a_snapshot_waits_for_the_request_the_worker_holds_and_both_copies_go_on
         release.set()
         saving.join(60)
         assert "saved" in box
-        shutil.copyfile(path, at_snapshot)  # that write is on the disk now, and its completion in the snapshot
-        source_text = m.console_output.decode()
-        assert 0 < len(soak_lines(source_text)) < ROUNDS - 20, source_text
-        outcome = m.run(timeout=120)
-        assert outcome.status == 0 and outcome.failure is None, m.console_output.decode()
-        assert soak_lines(m.console_output.decode()) == soak_lines(ref["text"])
-    assert path.read_bytes() == ref["image"]
-
-    shutil.copyfile(at_snapshot, path)
-    there = restore_elsewhere(snap, tmp_path / "result.json")
-    assert there["status"] == 0 and there["failure"] is None, there["text"]
-    assert "FAIL" not in there["text"] and soak_lines(source_text) + soak_lines(there["text"]) == soak_lines(ref["text"])
-    assert path.read_bytes() == ref["image"]
+        at_the_snapshot = source_goes_on(m, path, at_snapshot, ref)  # that write is in both
+    restored_goes_on(snap, path, at_snapshot, ref, *at_the_snapshot, tmp_path)
 
 
 def test_a_disk_image_of_another_size_is_refused_with_the_reason(virtio_kernel, disk, tmp_path):
