@@ -9,20 +9,12 @@
  */
 #include "pykvm.h"
 
-#define USER_STACK	(PYKVM_STACK_TOP - 0x8000)
-#define USER_RFLAGS	0x3002		/* IOPL = 3, reserved bit 1; IF = 0 */
 
 	.code64
 	.section .text.entry, "ax"
 	.globl	_start
 _start:
-	/* iretq frame, pushed bottom up: SS, RSP, RFLAGS, CS, RIP; RCX survives it */
-	pushq	$(PYKVM_SEL_USER_DATA | 3)
-	pushq	$USER_STACK
-	pushq	$USER_RFLAGS
-	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
-	pushq	$user
-	iretq
+	PYKVM_ENTER_CPL3 user
 
 user:					/* CPL3 from here on */
 	testq	%rcx, %rcx

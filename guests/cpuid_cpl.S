@@ -4,14 +4,12 @@
  *        x7 "cpl: 3\n" (at CPL3), then DONE(0) (IoOut port=0xEA, at CPL3)
  *
  * Needs from the host: SEL_USER_CODE64 and SEL_USER_DATA (DPL 3) in the GDT, and page tables
- * whose entries for this image and USER_STACK have the U/S bit set (no CR4.SMEP/SMAP).
+ * whose entries for this image and the user stack (PYKVM_ENTER_CPL3's) have the U/S bit set (no CR4.SMEP/SMAP).
  * The CPL3 part does port I/O under RFLAGS.IOPL = 3 and the host's TSS I/O bitmap (which is what
  * allows it on kvm_pvm, where IOPL reads 0 at CPL3).
  */
 #include "pykvm.h"
 
-#define USER_STACK	(PYKVM_STACK_TOP - 0x8000)
-#define USER_RFLAGS	0x3002		/* IOPL = 3, reserved bit 1; IF = 0 */
 
 	.code64
 	.section .text.entry, "ax"
@@ -25,13 +23,7 @@ _start:
 	PYKVM_PRINT vendor_line		/* the whole line in one call exit */
 	call	print_cpl
 
-	/* iretq frame, pushed bottom up: SS, RSP, RFLAGS, CS, RIP */
-	pushq	$(PYKVM_SEL_USER_DATA | 3)
-	pushq	$USER_STACK
-	pushq	$USER_RFLAGS
-	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
-	pushq	$user
-	iretq
+	PYKVM_ENTER_CPL3 user
 
 user:					/* CPL3 from here on */
 	call	print_cpl

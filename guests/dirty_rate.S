@@ -14,8 +14,6 @@
 
 #define DIRTY_BASE	0x200000
 #define DIRTY_STOP	(DIRTY_BASE - 8)
-#define USER_STACK	(PYKVM_STACK_TOP - 0x8000)
-#define USER_RFLAGS	0x3002		/* IOPL = 3, reserved bit 1; IF = 0 */
 
 	.code64
 	.section .text.entry, "ax"
@@ -23,13 +21,7 @@
 _start:
 	testq	%rdx, %rdx
 	jz	start
-	/* iretq frame, pushed bottom up: SS, RSP, RFLAGS, CS, RIP; the other registers survive it */
-	pushq	$(PYKVM_SEL_USER_DATA | 3)
-	pushq	$USER_STACK
-	pushq	$USER_RFLAGS
-	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
-	pushq	$start
-	iretq
+	PYKVM_ENTER_CPL3 start
 start:
 	movq	%rcx, %r9		/* pages a batch */
 	xorl	%r10d, %r10d		/* batch number */

@@ -70,8 +70,6 @@
 #define S_DRIVER_OK	4
 #define S_FEATURES_OK	8
 
-#define USER_STACK	(PYKVM_STACK_TOP - 0x8000)
-#define USER_RFLAGS	0x3002		/* IOPL = 3, reserved bit 1; IF = 0 */
 
 	.code64
 	.section .text.entry, "ax"
@@ -115,13 +113,7 @@ _start:
 	movl	$1, R_QUEUE_READY(%rbx)
 	movl	$(S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK), R_STATUS(%rbx)
 
-	/* iretq to CPL3: SS, RSP, RFLAGS, CS, RIP */
-	pushq	$(PYKVM_SEL_USER_DATA | 3)
-	pushq	$USER_STACK
-	pushq	$USER_RFLAGS
-	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
-	pushq	$user
-	iretq
+	PYKVM_ENTER_CPL3 user
 
 user:						/* CPL3 from here on */
 	movq	P_MMIO(%r15), %rbx

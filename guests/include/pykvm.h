@@ -88,7 +88,8 @@
 #ifdef __ASSEMBLER__
 
 /* ---- assembler macros ----------------------------------------------------------------------
- * Each one assembles in .code16, .code32 and .code64 (pick the mode before using them).
+ * Each one assembles in .code16, .code32 and .code64 (pick the mode before using them), except
+ * PYKVM_ENTER_CPL3 (64-bit only).
  * Arguments are assembly-time constants or labels, written without `$`.
  * They clobber: PYKVM_PUTC AL; PYKVM_PUTS AL, ESI; PYKVM_CALL EAX, DX; the calls also the
  * registers they pass (EBX, ECX, ESI). In 64-bit mode a 32-bit write zero-extends, so RCX and
@@ -134,6 +135,19 @@
 	movl	$(\status), %ebx
 	PYKVM_CALL PYKVM_CALL_DONE
 	PYKVM_HALT_FOREVER
+.endm
+
+/* Drop to CPL3 at `label`, in 64-bit mode only: an iretq to CS = the 64-bit user code selector,
+ * SS:RSP = the user data selector and PYKVM_STACK_TOP - 0x8000, RFLAGS = 0x3002 (IOPL 3, so port
+ * I/O stays allowed at CPL3; IF = 0). Every other register keeps its value. Needs page tables
+ * that let CPL3 reach the image and that stack (pykvm's long mode identity map does). */
+.macro PYKVM_ENTER_CPL3 label
+	pushq	$(PYKVM_SEL_USER_DATA | 3)
+	pushq	$(PYKVM_STACK_TOP - 0x8000)
+	pushq	$0x3002
+	pushq	$(PYKVM_SEL_USER_CODE64 | 3)
+	pushq	$(\label)
+	iretq
 .endm
 
 /* FAIL(line, value, msg): msg is a label of a NUL-terminated string, or 0; never returns.
