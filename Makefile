@@ -47,9 +47,9 @@ test: system-deps setup guests
 # bookworm-backports into ~/.cache/pykvm-refhost). One reference-host run, one pytest: about 21
 # minutes on 2 cores (the whole tier about 25); at most AMD_BUDGET seconds (then it fails), each
 # test at most 300 s. Then a second boot with kvm_amd nested=0 checks the probe's verdict and the
-# fix it prints, and a third boots Debian's kernel under pykvm boot inside it (tests/test_boot_linux.py, the slow tests: the
-# full boot to power-off, a marker written through virtio-blk and read back by a second boot),
-# at most AMD_LINUX_BUDGET seconds. A reference host whose own kernel panics (seen once in CI:
+# fix it prints, and a third boots Debian's kernel under pykvm boot inside it
+# (tests/test_boot_linux.py, the slow tests: the full boot to power-off, a marker written through
+# virtio-blk and read back by a second boot), at most AMD_LINUX_BUDGET seconds. A reference host whose own kernel panics (seen once in CI:
 # Debian's 6.1 under QEMU 10.0 TCG, a stack overflow in its entry code while an L2 Linux ran) is
 # booted once more within the same budget (--retry-panic 1); the retry is said on stderr.
 # Where it cannot run (no QEMU or kernel and not root) it says so and skips. A test that runs past

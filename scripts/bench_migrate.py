@@ -6,8 +6,8 @@ The guest (guests/dirty_rate.S) writes one quadword into each page of a region (
 2 MiB up) batch by batch (--batch pages), round robin; after each batch its OUT to BENCH_PORT
 is answered by a handler that sleeps the guest to the asked dirtying rate (--rates, pages a
 second; "max": no pacing, as fast as this backend runs the loop; a rate ending in "-cpl3", such
-as "max-cpl3", runs the guest's loop at CPL3, which kvm_pvm runs natively, not in KVM's emulator). For each rate the machine is
-migrated live (pykvm.migration.migrate, --downtime budget) to a destination in another process,
+as "max-cpl3", runs the guest's loop at CPL3, which kvm_pvm runs natively, not in KVM's
+emulator). For each rate the machine is migrated live (pykvm.migration.migrate, --downtime budget) to a destination in another process,
 over a UNIX socket, and the figures are: pre-copy rounds, pages and MiB sent, total time, the
 downtime (from the request to stop the vCPUs until the destination said it runs), whether the
 last set fit the budget, and the dirtying rate measured while it ran.
